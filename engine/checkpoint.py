@@ -1,0 +1,63 @@
+"""Checkpoints hold plain data only (config dict, state dicts, step, optimiser state) and load with
+`torch.load(weights_only=True)`, so opening one can never run code. Writes are atomic: temp file + rename."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from engine.errors import UserError
+
+FORMAT = "mimslicer-checkpoint/1"
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(path, *, kind: str, config: dict, model: nn.Module, step: int,
+                    optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
+    payload = {
+        "format": FORMAT,
+        "kind": kind,
+        "config": config,
+        "model": unwrap(model).state_dict(),
+        "step": int(step),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "torch_rng": torch.get_rng_state(),
+    }
+    payload.update(extra or {})
+    return save_atomic(payload, path)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Load one of our checkpoints without unpickling code; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign or broken files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a loadable MiMSlicer checkpoint (refused to unpickle: {first[:200]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise UserError(f"{path}: not a MiMSlicer checkpoint (no '{FORMAT}' format tag)")
+    return ckpt

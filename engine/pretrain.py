@@ -1,0 +1,129 @@
+"""Self-supervised pre-training: `run_pretrain` reads like its table of contents."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+from monai.data import DataLoader
+from monai.utils import set_determinism
+
+from engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from engine.config import PretrainConfig, build_config, config_from_dict
+from engine.data import pretrain_dataset, resolve_datalist
+from engine.device import amp_dtype, pick_device
+from engine.errors import UserError
+from engine.loop import LoopResult, cycle, train_loop
+from engine.masking import make_mim_views
+from engine.models import build_pretrainer
+from engine.optim import build_optimizer
+from engine.progress import Progress
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+def run_pretrain(data: str, out: str, method: str = "mim", preset: str = "tiny", steps: int | None = None,
+                 resume: bool = False, seed: int = 0, progress: str = "bar", device: str = "auto",
+                 overrides: dict | None = None) -> LoopResult:
+    out_dir = Path(out)
+    ckpt = _resume_state(out_dir, method, preset) if resume else None
+    cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
+    _prepare_run_dir(out_dir, cfg, resume)
+    dev = pick_device(device)
+    set_determinism(seed=cfg.train.seed + (ckpt["step"] if ckpt else 0))
+    model = build_pretrainer(cfg).to(dev)
+    optimizer = build_optimizer(model, cfg.train)
+    start = _restore(ckpt, model, optimizer)
+    batches = _batches(data, cfg, start)
+    masks = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start)
+    reporter = Progress(progress, stage=f"pretrain-{cfg.method}", total=cfg.train.steps)
+    log.info("pre-training %s (%s preset), %d passes per sample, on %s", cfg.method, cfg.preset,
+             cfg.mask.passes_per_sample() if cfg.method != "hybridmim" else 3, dev)
+
+    def save(step: int) -> Path:
+        return save_checkpoint(out_dir / CHECKPOINT, kind="pretrain", config=cfg.to_dict(), model=model,
+                               step=step, optimizer=optimizer)
+
+    result = train_loop(model, optimizer, cfg.train, batches, _step_fn(model, cfg, dev, masks), device=dev,
+                        amp=amp_dtype(cfg.train.amp, dev), start_step=start, progress=reporter, save=save,
+                        log_path=out_dir / "log.jsonl")
+    reporter.done(result.step, out_dir / CHECKPOINT, message="stopped early, resume with --resume" if result.stopped_early else "")
+    return result
+
+
+def _resume_state(out_dir: Path, method: str, preset: str) -> dict:
+    path = out_dir / CHECKPOINT
+    if not path.exists():
+        raise UserError(f"--resume: {path} does not exist; start without --resume")
+    ckpt = load_checkpoint(path)
+    saved = ckpt["config"]
+    if saved.get("method") != method:
+        raise UserError(f"--resume: {path} was trained with method '{saved.get('method')}', not '{method}'")
+    return ckpt
+
+
+def _resolve_config(ckpt, method, preset, steps, seed, overrides) -> PretrainConfig:
+    extra = dict(overrides or {})
+    if steps is not None:
+        extra["train.steps"] = steps
+    if ckpt is None:
+        extra.setdefault("train.seed", seed)
+        return build_config(preset, method, extra)
+    tree = ckpt["config"]
+    for key, value in extra.items():  # a resumed run may only change how long it runs
+        if key != "train.steps":
+            raise UserError(f"--resume keeps the saved settings; '{key}' cannot change on resume")
+        tree["train"]["steps"] = value
+    return config_from_dict(tree).validate()
+
+
+def _prepare_run_dir(out_dir: Path, cfg: PretrainConfig, resume: bool) -> None:
+    if not resume and (out_dir / CHECKPOINT).exists():
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except OSError as err:
+        raise UserError(f"{out_dir}: cannot write the run folder ({err.strerror})") from None
+
+
+def _restore(ckpt, model, optimizer) -> int:
+    if ckpt is None:
+        return 0
+    unwrap(model).load_state_dict(ckpt["model"])
+    if ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("torch_rng") is not None:
+        torch.set_rng_state(ckpt["torch_rng"])
+    return int(ckpt["step"])
+
+
+def _batches(data: str, cfg: PretrainConfig, start_step: int):
+    items = resolve_datalist(data)
+    while len(items) < cfg.data.batch_size:  # tiny datasets: several random crops of the same volumes
+        items = items * 2
+    dataset = pretrain_dataset(items, cfg.data, cfg.crop_size)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.data.workers, generator=generator, persistent_workers=cfg.data.workers > 0)
+    epochs_done = start_step * cfg.data.batch_size // max(1, len(items))
+    return cycle(loader, cfg.train.seed, start_epoch=epochs_done)
+
+
+def _step_fn(model, cfg: PretrainConfig, device: torch.device, masks: torch.Generator):
+    if cfg.method == "hybridmim":
+        def step(batch, progress):
+            losses = model(batch["image"].to(device).as_tensor(), masks)
+            total = losses.pop("loss")
+            yield losses, total
+        return step
+
+    patch = unwrap(model).patch
+
+    def step(batch, progress):
+        levels = make_mim_views(batch["image"].to(device).as_tensor(), cfg.mask, patch, masks)
+        for level in model.level_outputs(levels, progress):
+            yield level.losses, level.total
+    return step

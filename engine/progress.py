@@ -1,0 +1,62 @@
+"""Progress for people and programs: a tqdm bar on a terminal, or one JSON object per line on stdout
+(`--progress json`), which the Slicer module reads. Events: start, step, checkpoint, done, error."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+
+class Progress:
+    def __init__(self, mode: str = "bar", stage: str = "", total: int = 0, stream=None):
+        self.mode, self.stage, self.total = mode, stage, total
+        self.stream = stream or sys.stdout
+        self._bar = None
+
+    def start(self, step: int = 0, message: str = "") -> None:
+        self._emit("start", step=step, message=message)
+        if self.mode == "bar":
+            from tqdm import tqdm
+            self._bar = tqdm(total=self.total, initial=step, desc=self.stage, dynamic_ncols=True, file=sys.stderr)
+
+    def step(self, step: int, losses: dict[str, float]) -> None:
+        self._emit("step", step=step, losses=losses)
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+
+    def checkpoint(self, step: int, path: str) -> None:
+        self._emit("checkpoint", step=step, path=str(path))
+
+    def done(self, step: int, path: str = "", message: str = "", **extra) -> None:
+        self.close()
+        self._emit("done", step=step, path=str(path), message=message, **extra)
+
+    def error(self, message: str, step: int | None = None) -> None:
+        self.close()
+        self._emit("error", step=step, message=message)
+
+    def event(self, name: str, **fields) -> None:
+        self._emit(name, **fields)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _emit(self, event: str, **fields: Any) -> None:
+        if self.mode != "json":
+            return
+        record = {"event": event, "stage": self.stage, "total": self.total}
+        record.update({k: _finite(v) for k, v in fields.items() if v is not None and v != ""})
+        self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return value
