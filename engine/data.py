@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from monai import transforms as T
-from monai.data import Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset, PersistentDataset
 
 from engine.config import DataConfig
 from engine.errors import UserError
@@ -17,6 +17,7 @@ from engine.imageio import SimpleITKReader, is_volume_file
 
 log = logging.getLogger(__name__)
 # files in a folder that hold labels, not images (nnU-Net's labelsTr, *_label, *_seg, *_mask)
+IN_MEMORY_CACHE_MAX = 32  # volumes; beyond this, set data.cache_dir for a persistent cache
 LABEL_NAME = re.compile(r"(_label|_labels|_seg|_mask)(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
@@ -89,11 +90,13 @@ def pretrain_dataset(items: list[dict], cfg: DataConfig, crop: int):
         T.RandSpatialCropd(["image"], roi_size=(crop,) * 3, random_size=False),
     ]
     items = [{"image": it["image"]} for it in items]
-    if cfg.cache_dir:
+    transform = T.Compose(preprocess_transforms(cfg) + random_part)
+    if cfg.cache_dir:  # preprocessed volumes on disk, reused across runs (large datasets)
         Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-        base = PersistentDataset(items, T.Compose(preprocess_transforms(cfg) + random_part), cache_dir=cfg.cache_dir)
-        return base
-    return Dataset(items, T.Compose(preprocess_transforms(cfg) + random_part))
+        return PersistentDataset(items, transform, cache_dir=cfg.cache_dir)
+    if len(items) <= IN_MEMORY_CACHE_MAX:  # small datasets: preprocess once, keep in memory
+        return CacheDataset(items, transform, num_workers=None, progress=False)
+    return Dataset(items, transform)
 
 
 def _denser_than(x, level: float):

@@ -30,6 +30,8 @@ class Progress:
         self._emit("checkpoint", step=step, path=str(path))
 
     def done(self, step: int, path: str = "", message: str = "", **extra) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
         self.close()
         self._emit("done", step=step, path=str(path), message=message, **extra)
 

@@ -5,6 +5,7 @@ features), so weights move between them under one prefix without key surgery."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -88,6 +89,8 @@ class HybridEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dims[3])
         self.register_buffer("pos_embed", sincos_embedding(self.grid, cfg.dims[3]), persistent=False)
         self.apply(_init_weights)
+        self.conv_stages.to(memory_format=torch.channels_last_3d)
+        self.embeds.to(memory_format=torch.channels_last_3d)
 
     @property
     def out_dim(self) -> int:
@@ -103,6 +106,7 @@ class HybridEncoder(nn.Module):
         self._check_input(x)
         visible = None if mask is None else (~mask).to(x.dtype).reshape(x.shape[0], 1, *(self.grid,) * 3)
         feats = []
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # depth-wise 3D conv backward: ~5x faster on CPU
         for i in range(3):
             x = self.embeds[i](x)
             vis = None if visible is None else _upsample_mask(visible, x.shape[-1])
@@ -150,7 +154,9 @@ def sincos_embedding(grid: int, dim: int) -> torch.Tensor:
 
 def sincos_embedding_grid(grid: list[int], dim: int) -> torch.Tensor:
     """Fixed 3D sin-cos position embedding [1, prod(grid), dim] (MONAI's builder)."""
-    return build_sincos_position_embedding(list(grid), dim, spatial_dims=3).data.clone()
+    with warnings.catch_warnings():  # MONAI calls torch.meshgrid without `indexing` (it means "ij")
+        warnings.simplefilter("ignore", UserWarning)
+        return build_sincos_position_embedding(list(grid), dim, spatial_dims=3).data.clone()
 
 
 def _upsample_mask(visible: torch.Tensor, size: int) -> torch.Tensor:

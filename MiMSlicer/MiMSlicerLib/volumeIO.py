@@ -1,0 +1,63 @@
+"""Volumes between the scene and the engine's files, through MRML storage nodes (the same code path in desktop
+Slicer and in slicer-core), so geometry (IJK to RAS) is carried by the files, never by array order."""
+import os
+
+import numpy as np
+import vtk
+import slicer
+
+
+def writeVolume(volumeNode, path):
+    """Write a scalar or labelmap volume (NIfTI/NRRD by extension). World transforms are not applied: the engine
+    sees the volume's own RAS geometry, as a file saved from Slicer would have."""
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(os.fspath(path))
+    storage.UseCompressionOff()
+    if not storage.WriteData(volumeNode):
+        raise RuntimeError(f"could not write '{volumeNode.GetName()}' to {path}")
+    return os.fspath(path)
+
+
+def readVolume(scene, path, name, className="vtkMRMLScalarVolumeNode"):
+    """A new volume node (with display node) filled from a file. The node keeps no link to the file, so the
+    file may be deleted afterwards; saving the scene writes the data anew."""
+    node = scene.AddNewNodeByClass(className, name)
+    readVolumeInto(node, path)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def readVolumeInto(node, path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the engine did not write {path}")
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(os.fspath(path))
+    if isinstance(node, slicer.vtkMRMLLabelMapVolumeNode):
+        storage.SetSingleFile(True)
+    if not storage.ReadData(node):
+        raise RuntimeError(f"could not read {path}")
+    return node
+
+
+def ijkToRas(volumeNode):
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def voxelCornerBounds(volumeNode):
+    """RAS (min, max) of the volume's voxel-corner extent (what the engine calls box_world)."""
+    dims = volumeNode.GetImageData().GetDimensions()
+    corners = np.array([[i, j, k, 1.0] for i in (-0.5, dims[0] - 0.5) for j in (-0.5, dims[1] - 0.5)
+                        for k in (-0.5, dims[2] - 0.5)])
+    ras = corners @ ijkToRas(volumeNode).T
+    return ras[:, :3].min(axis=0), ras[:, :3].max(axis=0)
+
+
+def sameGeometry(volumeA, volumeB, tolerance=1e-3):
+    """True when both volumes have the same grid: dimensions and IJK to RAS."""
+    if volumeA.GetImageData() is None or volumeB.GetImageData() is None:
+        return False
+    if volumeA.GetImageData().GetDimensions() != volumeB.GetImageData().GetDimensions():
+        return False
+    return np.allclose(ijkToRas(volumeA), ijkToRas(volumeB), atol=tolerance)

@@ -1,0 +1,180 @@
+"""Whole-volume inference, nnU-Net-predictor style: settings (`InferenceSettings`), weights (`model.pt` ->
+`SegmentationPredictor`) and data (a volume file, a folder of them, or a DICOM series) stay separate.
+
+A volume goes to the model grid (`geometry.to_model_grid`), through MONAI's SlidingWindowInferer with gaussian
+blending (optionally flip test-time augmentation), and its class probabilities are resampled back onto the input
+image itself, so the labelmap has exactly the input's size, origin, spacing and direction."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+from monai.inferers import SlidingWindowInferer
+
+from engine.checkpoint import load_checkpoint
+from engine.device import amp_dtype, autocast, pick_device
+from engine.errors import UserError
+from engine.finetune_config import finetune_config_from_dict
+from engine.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
+from engine.imageio import is_volume_file, read_image
+from engine.models.segmenter import build_segmenter
+
+log = logging.getLogger(__name__)
+TTA_FLIPS = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis of [B, C, X, Y, Z]
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    tta: bool = False
+    device: str = "auto"
+    amp: str = "auto"
+    crop_body: bool = True  # run the window only over the body's bounding box (background elsewhere)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What model.pt says about using its network: label names -> values (channel order), grid and window."""
+
+    labels: dict[str, int]
+    spacing: tuple[float, ...]
+    hu_window: tuple[float, ...]
+    roi: int
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.array(sorted(self.labels.values()), dtype=np.int64)
+
+
+@dataclass
+class Segmentation:
+    labelmap: sitk.Image  # label values, on the input grid
+    probabilities: dict[str, sitk.Image] | None  # foreground label name -> probability, on the input grid
+
+
+def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, roi: int, overlap: float = 0.5,
+                                 sw_batch_size: int = 2, device: torch.device | None = None,
+                                 amp: torch.dtype | None = None, tta: bool = False) -> torch.Tensor:
+    """image [1, C, X, Y, Z] -> softmax probabilities [K, X, Y, Z] (float32, CPU), gaussian-blended windows."""
+    device = device or torch.device("cpu")
+    inferer = SlidingWindowInferer(roi_size=(roi,) * 3, sw_batch_size=sw_batch_size, overlap=overlap,
+                                   mode="gaussian", sw_device=device, device=torch.device("cpu"))
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with autocast(device, amp):
+            return torch.softmax(model(x).float(), dim=1)
+
+    model.eval()
+    total = None
+    with torch.no_grad():
+        for axes in TTA_FLIPS if tta else TTA_FLIPS[:1]:
+            probs = inferer(image.flip(axes) if axes else image, predict)
+            probs = probs.flip(axes) if axes else probs
+            total = probs if total is None else total + probs
+    return (total / (len(TTA_FLIPS) if tta else 1))[0].float()
+
+
+class SegmentationPredictor:
+    """A network plus its ModelSpec and the InferenceSettings; `predict(image)` -> Segmentation on image's grid."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, settings: InferenceSettings = InferenceSettings()):
+        self.device = pick_device(settings.device)
+        self.amp = amp_dtype(settings.amp, self.device)
+        self.model, self.spec, self.settings = model.to(self.device).eval(), spec, settings
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, settings: InferenceSettings = InferenceSettings()):
+        ckpt = load_checkpoint(path)
+        if ckpt.get("kind") != "segmentation":
+            raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; inference needs a fine-tuned segmentation model.pt")
+        cfg = finetune_config_from_dict(ckpt["config"])
+        spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]))
+        model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
+        model.load_state_dict(ckpt["model"])
+        return cls(model, spec, settings)
+
+    def predict(self, image: sitk.Image, probabilities: bool = False) -> Segmentation:
+        grid = to_model_grid(image, self.spec.spacing)
+        volume = window(image_array(grid), self.spec.hu_window)  # [X, Y, Z]
+        box = body_box(volume, self.spec.hu_window) if self.settings.crop_body else tuple(slice(None) for _ in range(3))
+        probs = np.zeros((len(self.spec.labels), *volume.shape), dtype=np.float32)
+        probs[0] = 1.0  # background outside the body box
+        probs[(slice(None), *box)] = self._probabilities(volume[box]).numpy()
+        index = sitk.GetArrayFromImage(back_to_input(probs, grid, image))
+        labelmap = sitk.GetImageFromArray(self.spec.values[index].astype(_label_dtype(self.spec.values)))
+        labelmap.CopyInformation(image)
+        return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None)
+
+    def _probabilities(self, volume: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
+        s = self.settings
+        return sliding_window_probabilities(self.model, x, self.spec.roi, s.overlap, s.sw_batch_size, self.device,
+                                            self.amp, s.tta)
+
+    def _probability_images(self, probs: np.ndarray, grid: sitk.Image, image: sitk.Image) -> dict[str, sitk.Image]:
+        names = sorted(self.spec.labels, key=self.spec.labels.get)
+        return {name: resample_channel(probs[k], grid, image) for k, name in enumerate(names) if k > 0}
+
+
+def _label_dtype(values: np.ndarray):
+    return np.uint8 if values.max() < 256 else np.uint16
+
+
+def read_input(path: str | Path) -> tuple[sitk.Image, str]:
+    """A volume file, or a folder holding a DICOM series (the largest one if several). Returns (image, note)."""
+    path = Path(path)
+    if path.is_file():
+        return read_image(path), ""
+    if not path.is_dir():
+        raise UserError(f"{path}: no such file or folder")
+    series = dicom_series(path)
+    if not series:
+        raise UserError(f"{path}: no DICOM series in this folder (volume files are read one by one: pass a file)")
+    uid, files = max(series.items(), key=lambda kv: len(kv[1]))
+    note = f"{path}: DICOM series {uid} ({len(files)} slices)"
+    if len(series) > 1:
+        note += f", the largest of {len(series)} series"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        raise UserError(f"{path}: cannot read DICOM series {uid} ({str(err).strip().splitlines()[-1][:200]})") from None
+    return image, note
+
+
+def dicom_series(folder: Path) -> dict[str, list[str]]:
+    """Series UID -> sorted slice files, for the DICOM series directly in `folder`."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+    return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+
+
+def input_jobs(input_path: str | Path, output: str | Path) -> list[tuple[Path, Path]]:
+    """(input, output) pairs: a file or DICOM folder -> one output file; a folder of volumes -> one per volume."""
+    input_path, output = Path(input_path), Path(output)
+    if input_path.is_dir() and not dicom_series(input_path):
+        volumes = sorted(p for p in input_path.iterdir() if p.is_file() and is_volume_file(p))
+        if not volumes:
+            raise UserError(f"{input_path}: no volumes and no DICOM series in this folder")
+        if is_volume_file(output):
+            raise UserError(f"--input is a folder of {len(volumes)} volumes: --output must be a folder, not {output.name}")
+        if output.resolve() == input_path.resolve():
+            raise UserError("--output must differ from the --input folder")
+        return [(p, output / f"{_stem(p)}_seg.nii.gz") for p in volumes]
+    if not is_volume_file(output):
+        output = output / f"{_stem(input_path)}_seg.nii.gz"
+    return [(input_path, output)]
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name

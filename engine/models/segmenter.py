@@ -1,0 +1,70 @@
+"""Segmentation networks for fine-tuning: the pre-training encoder (unmasked, multi-scale) under a UNETR-style decoder
+built from MONAI blocks, or MONAI's SwinUNETR for SwinUNETR-SSL weights. Each names the prefix of its encoder
+weights (`encoder_prefix`), which is what pre-trained weights load into."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
+from monai.networks.nets import SwinUNETR
+
+from engine.config import EncoderConfig
+from engine.models.hybrid_encoder import HybridEncoder
+
+NORM = "instance"
+
+
+def keep_position_embedding(encoder: HybridEncoder) -> None:
+    """Make the encoder's position embedding part of its weights, so that one loaded from elsewhere (the authors'
+    layout, interpolated) travels into model.pt; our own checkpoints do not carry it and it stays our sin-cos."""
+    encoder.register_buffer("pos_embed", encoder.pos_embed, persistent=True)
+
+
+class HybridSegmenter(nn.Module):
+    """x [B, C, D, H, W] (multiples of the patch size) -> logits [B, K, D, H, W].
+
+    Skips at full, 1/2, 1/4, 1/8 resolution (raw input, stages 1-3) and the stage-4 tokens as a 1/16 grid, each
+    through a residual UnetrBasicBlock, then four UnetrUpBlocks (as in MONAI's SwinUNETR decoder)."""
+
+    encoder_prefix = "encoder."
+
+    def __init__(self, encoder_cfg: EncoderConfig, roi: int, out_channels: int, feature_size: int = 48):
+        super().__init__()
+        if out_channels < 2:
+            raise ValueError(f"a segmenter needs >= 2 output channels (background + labels), got {out_channels}")
+        self.encoder = HybridEncoder(encoder_cfg, roi)
+        keep_position_embedding(self.encoder)
+        dims, strides, fs = encoder_cfg.dims, encoder_cfg.strides, feature_size
+        widths = (fs, fs, 2 * fs, 4 * fs, 8 * fs)  # full, 1/2, 1/4, 1/8, 1/16 resolution
+        sources = (encoder_cfg.in_channels, *dims)
+        self.skips = nn.ModuleList(UnetrBasicBlock(3, sources[i], widths[i], 3, 1, NORM, res_block=True) for i in range(5))
+        self.ups = nn.ModuleList(
+            UnetrUpBlock(3, widths[i + 1], widths[i], 3, strides[i], NORM, res_block=True) for i in reversed(range(4))
+        )
+        self.out = UnetOutBlock(3, fs, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, (f1, f2, f3) = self.encoder.forward_features(x)  # [B, N, C4]; [B, C_i, D/2^i, ...]
+        grid = [s // self.encoder.patch for s in x.shape[2:]]
+        f4 = tokens.transpose(1, 2).reshape(x.shape[0], -1, *grid)  # [B, C4, D/16, H/16, W/16]
+        skips = [block(f) for block, f in zip(self.skips, (x, f1, f2, f3, f4))]
+        y = skips[4]
+        for up, skip in zip(self.ups, reversed(skips[:4])):
+            y = up(y, skip)
+        return self.out(y)
+
+
+class SwinSegmenter(SwinUNETR):
+    """MONAI's SwinUNETR: the network SwinUNETR-SSL weights (`model_swinvit.pt`) feed, encoder under `swinViT.`."""
+
+    encoder_prefix = "swinViT."
+
+    def __init__(self, in_channels: int, out_channels: int, feature_size: int = 48):
+        super().__init__(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size)
+
+
+def build_segmenter(backbone: str, encoder_cfg: EncoderConfig, roi: int, out_channels: int,
+                    feature_size: int) -> nn.Module:
+    if backbone == "swinunetr":
+        return SwinSegmenter(encoder_cfg.in_channels, out_channels, feature_size)
+    return HybridSegmenter(encoder_cfg, roi, out_channels, feature_size)

@@ -1,0 +1,105 @@
+"""The default sample CTs: real volumes with organ masks that TotalSegmentator 2.18.0 ships in its source
+distribution on PyPI (tests/reference_files/, Apache-2.0). Fetched with pip from the package registry, extracted
+member by member (no archive paths are trusted), with their provenance and checksums recorded."""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from engine.errors import UserError
+
+PACKAGE = "TotalSegmentator==2.18.0"
+ROOT = "totalsegmentator-2.18.0/"
+# our name -> member of the sdist
+FILES = {
+    "abdomen_ct.nii.gz": "tests/reference_files/example_ct.nii.gz",
+    "abdomen_label.nii.gz": "tests/reference_files/example_seg.nii.gz",
+    "chest_ct.nii.gz": "tests/reference_files/aorta_report/example_ct.nii.gz",
+    "LICENSE.TotalSegmentator": "LICENSE",
+}
+CASES = [
+    {"case": "abdomen", "image": "abdomen_ct.nii.gz", "label": "abdomen_label.nii.gz",
+     "label_kind": "TotalSegmentator model output (pseudo-label), 117-class 'total' map"},
+    {"case": "chest", "image": "chest_ct.nii.gz", "label": None, "label_kind": "none"},
+]
+CLASS_MAP_MEMBER = "totalsegmentator/map_to_binary.py"
+
+
+def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[dict]:
+    """Write the sample CTs, labels, dataset.json and provenance.json to `out`; returns the cases."""
+    out = Path(out)
+    provenance = out / "provenance.json"
+    if provenance.exists() and all((out / name).exists() for name in FILES):
+        return json.loads(provenance.read_text())["cases"]
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = Path(sdist) if sdist else _download(Path(tmp))
+        checksums, labels = _extract(archive, out)
+    cases = [dict(c, image=str(out / c["image"]), label=str(out / c["label"]) if c["label"] else None) for c in CASES]
+    record = {"source": f"PyPI {PACKAGE} source distribution, {ROOT}tests/reference_files/",
+              "licence": "Apache-2.0 (TotalSegmentator package; see LICENSE.TotalSegmentator)",
+              "files": {name: {"member": FILES[name], "sha256": digest} for name, digest in checksums.items()},
+              "labels": labels, "cases": cases}
+    _write_dataset_json(out, labels)
+    provenance.write_text(json.dumps(record, indent=1))
+    return cases
+
+
+def _download(tmp: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--no-binary", ":all:", "-d", str(tmp), "-q"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    archives = list(tmp.glob("*.tar.gz"))
+    if result.returncode != 0 or not archives:
+        reason = (result.stderr.strip().splitlines() or ["no archive"])[-1]
+        raise UserError(f"could not download {PACKAGE} from the package index ({reason}); "
+                        "download it elsewhere and pass --sdist totalsegmentator-2.18.0.tar.gz")
+    return archives[0]
+
+
+def _extract(archive: Path, out: Path) -> tuple[dict, dict]:
+    if not archive.is_file():
+        raise UserError(f"{archive}: no such file")
+    checksums = {}
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for name, member in FILES.items():
+                checksums[name] = _copy_member(tar, ROOT + member, out / name)
+            labels = _class_map(tar.extractfile(ROOT + CLASS_MAP_MEMBER).read().decode())
+    except (tarfile.TarError, KeyError, OSError) as err:
+        raise UserError(f"{archive}: not the expected TotalSegmentator 2.18.0 source archive ({err})") from None
+    return checksums, labels
+
+
+def _copy_member(tar: tarfile.TarFile, member: str, target: Path) -> str:
+    source = tar.extractfile(member)
+    if source is None:
+        raise KeyError(member)
+    digest = hashlib.sha256()
+    tmp = target.with_name("." + target.name + ".part")
+    with open(tmp, "wb") as f:
+        for chunk in iter(lambda: source.read(1 << 20), b""):
+            digest.update(chunk)
+            f.write(chunk)
+    tmp.replace(target)
+    return digest.hexdigest()
+
+
+def _class_map(source: str) -> dict[str, int]:
+    """The 'total' class map literal of TotalSegmentator's map_to_binary.py, read without executing it."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "class_map":
+            tree = ast.literal_eval(node.value)
+            return {"background": 0, **{name: int(value) for value, name in sorted(tree["total"].items())}}
+    raise KeyError("class_map")
+
+
+def _write_dataset_json(out: Path, labels: dict[str, int]) -> None:
+    dataset = {"name": "TotalSegmentator 2.18.0 sample CTs", "labels": labels, "channel_names": {"0": "CT"},
+               "training": [{"image": c["image"], **({"label": c["label"]} if c["label"] else {})} for c in CASES]}
+    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
