@@ -16,12 +16,12 @@ class Progress:
 
     def start(self, step: int = 0, message: str = "") -> None:
         self._emit("start", step=step, message=message)
-        if self.mode == "bar":
+        if self.mode == "bar" and sys.stderr.isatty():
             from tqdm import tqdm
             self._bar = tqdm(total=self.total, initial=step, desc=self.stage, dynamic_ncols=True, file=sys.stderr)
 
-    def step(self, step: int, losses: dict[str, float]) -> None:
-        self._emit("step", step=step, losses=losses)
+    def step(self, step: int, losses: dict[str, float], metrics: dict[str, float] | None = None) -> None:
+        self._emit("step", step=step, losses=losses, metrics=metrics)
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)

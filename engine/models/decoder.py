@@ -11,12 +11,12 @@ from engine.models.hybrid_encoder import sincos_embedding, transformer_block
 class MAEDecoder(nn.Module):
     """Returns (pred [V, N, p^3 * C], latent [V, N, dim]); latent is the decoder's view of every token."""
 
-    def __init__(self, cfg: DecoderConfig, enc_dim: int, grid: int, patch: int, channels: int = 1):
+    def __init__(self, cfg: DecoderConfig, enc_dim: int, grid: int, patch: int, channels: int = 1,
+                 mask_token: bool = True):
         super().__init__()
         cfg.validate()
         self.embed = nn.Linear(enc_dim, cfg.dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
-        nn.init.normal_(self.mask_token, std=0.02)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, cfg.dim) * 0.02) if mask_token else None
         self.blocks = nn.ModuleList(transformer_block(cfg.dim, 4.0, cfg.num_heads) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.dim)
         self.pred = nn.Linear(cfg.dim, patch**3 * channels)
@@ -27,6 +27,8 @@ class MAEDecoder(nn.Module):
         """visible: [V, n_keep, enc_dim] encoder tokens; keep: [V, n_keep] their ids (None: all tokens given)."""
         x = self.embed(visible)
         if keep is not None:
+            if self.mask_token is None:
+                raise ValueError("this decoder was built without a mask token: give it every token")
             full = self.mask_token.to(x.dtype).expand(x.shape[0], self.n_tokens, -1).clone()
             x = full.scatter(1, keep[..., None].expand(-1, -1, x.shape[-1]), x)
         return self._decode(x + self.pos_embed.to(x.dtype))

@@ -98,7 +98,8 @@ class HybridBackbone(nn.Module):
         if self.encoder.patch != MASK_PATCH:
             raise ValueError(f"HybridMIM on the hybrid encoder needs a patch of {MASK_PATCH}, got {self.encoder.patch}")
         self.grid = self.encoder.grid
-        self.decoder = MAEDecoder(dec_cfg, self.encoder.out_dim, self.grid, MASK_PATCH, enc_cfg.in_channels)
+        self.decoder = MAEDecoder(dec_cfg, self.encoder.out_dim, self.grid, MASK_PATCH, enc_cfg.in_channels,
+                                  mask_token=False)
 
     def encode(self, x: torch.Tensor):
         tokens = self.encoder(x)  # [B, N, C4]
