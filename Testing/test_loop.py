@@ -1,0 +1,62 @@
+"""The shared training loop: NaN guard, accumulation, schedule, checkpoints every N steps."""
+import itertools
+import json
+
+import pytest
+import torch
+
+from engine.config import TrainConfig
+from engine.errors import TrainingDiverged
+from engine.loop import train_loop
+from engine.optim import warmup_cosine
+from engine.progress import Progress
+
+
+def _run(tmp_path, step_fn, **cfg):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = []
+    cfg = TrainConfig(**{"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "lr": 0.1, **cfg})
+    batches = iter(itertools.repeat(torch.ones(2, 3)))
+    result = train_loop(model, opt, cfg, batches, lambda b, p: step_fn(model, b), device=torch.device("cpu"),
+                        amp=None, start_step=0, progress=Progress("none"), save=lambda s: saved.append(s) or tmp_path,
+                        log_path=tmp_path / "log.jsonl")
+    return result, saved, model
+
+
+def test_nan_loss_stops_with_a_clear_message_before_saving(tmp_path):
+    def step_fn(model, batch):
+        loss = model(batch).mean() * float("nan")
+        yield {"loss": loss}, loss
+    with pytest.raises(TrainingDiverged, match=r"loss 'loss' became nan at step 1.*--lr"):
+        _run(tmp_path, step_fn)
+    assert not (tmp_path / "log.jsonl").exists()
+
+
+def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):
+    def step_fn(model, batch):
+        loss = (model(batch) - 1).pow(2).mean()
+        yield {"loss": loss}, loss
+    result, saved, _ = _run(tmp_path, step_fn, steps=5)
+    assert result.step == 5 and saved == [2, 4, 5]
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5]
+    assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_accumulation_averages_micro_batches(tmp_path):
+    calls = []
+
+    def step_fn(model, batch):
+        calls.append(1)
+        loss = model(batch).mean()
+        yield {"loss": loss}, loss
+    _run(tmp_path, step_fn, steps=2, accumulate=3)
+    assert len(calls) == 6
+
+
+def test_warmup_then_cosine():
+    lrs = [warmup_cosine(s, 100, 10, 1.0, 0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
