@@ -2,6 +2,7 @@
 clipping, autocast, a NaN guard, atomic checkpoints every N steps, a JSONL log, and a clean stop on SIGINT/SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -55,7 +56,10 @@ class StopRequest:
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Iterator,
                step_fn: StepFn, *, device: torch.device, amp: torch.dtype | None, start_step: int,
-               progress: Progress, save: Callable[[int], Path], log_path: Path | None = None) -> LoopResult:
+               progress: Progress, save: Callable[[int], Path], log_path: Path | None = None,
+               validate: Callable[[int], dict[str, float] | None] | None = None) -> LoopResult:
+    """`validate(step)`, if given, runs after each optimiser step and returns metrics when it validated (else
+    None); the metrics go into that step's log record and progress event, before any checkpoint is saved."""
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
     step, losses = start_step, {}
@@ -75,9 +79,12 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
             record = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 4), **losses}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            metrics = validate(step) if validate is not None else None
+            if metrics:
+                record["metrics"] = metrics
             _append_log(log_path, record)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                progress.step(step, losses)
+            if step % cfg.log_every == 0 or step == cfg.steps or metrics:
+                progress.step(step, losses, metrics=metrics)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
                 progress.checkpoint(step, save(step))
             if stop.requested:
@@ -90,15 +97,22 @@ def _accumulate(model, cfg, batches, step_fn, step, device, amp, scaler) -> dict
     sums: dict[str, float] = {}
     progress = step / max(1, cfg.steps)
     model.train()
-    for _ in range(cfg.accumulate):
+    for i in range(cfg.accumulate):
         batch = next(batches)
-        with autocast(device, amp):
+        with _sync_gradients(model, i == cfg.accumulate - 1), autocast(device, amp):
             for named, total in step_fn(batch, progress):
                 _guard(named, step)
                 scaler.scale(total / cfg.accumulate).backward()
                 for k, v in named.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.accumulate
     return sums
+
+
+def _sync_gradients(model, last_micro_batch: bool):
+    """Under DDP, all-reduce gradients only on the last micro-batch of an accumulation (`no_sync` before)."""
+    if last_micro_batch or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def _guard(named: dict[str, torch.Tensor], step: int) -> None:

@@ -8,11 +8,14 @@ import torch
 import yaml
 from monai.data import DataLoader
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import distributed
 
 from engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from engine.config import PretrainConfig, build_config, config_from_dict
 from engine.data import pretrain_dataset, resolve_datalist
-from engine.device import amp_dtype, pick_device
+from engine.device import amp_dtype
 from engine.errors import UserError
 from engine.loop import LoopResult, cycle, train_loop
 from engine.masking import make_mim_views
@@ -27,29 +30,46 @@ CHECKPOINT = "checkpoint.pt"
 def run_pretrain(data: str, out: str, method: str = "mim", preset: str = "tiny", steps: int | None = None,
                  resume: bool = False, seed: int = 0, progress: str = "bar", device: str = "auto",
                  overrides: dict | None = None) -> LoopResult:
-    out_dir = Path(out)
+    """Pre-train alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
+    info, dev = distributed.setup(device)
+    try:
+        return _pretrain(info, dev, data, Path(out), method, preset, steps, resume, seed, progress, overrides)
+    finally:
+        distributed.teardown()
+
+
+def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, seed, progress, overrides) -> LoopResult:
     ckpt = _resume_state(out_dir, method, preset) if resume else None
     cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
-    _prepare_run_dir(out_dir, cfg, resume)
-    dev = pick_device(device)
-    set_determinism(seed=cfg.train.seed + (ckpt["step"] if ckpt else 0))
+    if info.is_main:
+        _prepare_run_dir(out_dir, cfg, resume)
+    distributed.barrier()
+    start = int(ckpt["step"]) if ckpt else 0
+    set_determinism(seed=cfg.train.seed + 7919 * info.rank + start)
     model = build_pretrainer(cfg).to(dev)
     optimizer = build_optimizer(model, cfg.train)
-    start = _restore(ckpt, model, optimizer)
-    batches = _batches(data, cfg, start)
-    masks = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + start)
-    reporter = Progress(progress, stage=f"pretrain-{cfg.method}", total=cfg.train.steps)
-    log.info("pre-training %s (%s preset), %d passes per sample, on %s", cfg.method, cfg.preset,
-             cfg.mask.passes_per_sample() if cfg.method != "hybridmim" else 3, dev)
+    _restore(ckpt, model, optimizer)
+    if info.enabled:
+        model = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    batches = _batches(data, cfg, start, info)
+    masks = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * info.rank + start)
+    reporter = Progress(progress if info.is_main else "none", stage=f"pretrain-{cfg.method}", total=cfg.train.steps)
+    log.info("pre-training %s (%s preset), %d passes per sample, on %s, %d process(es)", cfg.method, cfg.preset,
+             cfg.mask.passes_per_sample() if cfg.method != "hybridmim" else 3, dev, info.world_size)
 
     def save(step: int) -> Path:
-        return save_checkpoint(out_dir / CHECKPOINT, kind="pretrain", config=cfg.to_dict(), model=model,
-                               step=step, optimizer=optimizer)
+        path = out_dir / CHECKPOINT
+        if info.is_main:
+            save_checkpoint(path, kind="pretrain", config=cfg.to_dict(), model=model, step=step, optimizer=optimizer,
+                            extra={"world_size": info.world_size})
+        return path
 
     result = train_loop(model, optimizer, cfg.train, batches, _step_fn(model, cfg, dev, masks), device=dev,
                         amp=amp_dtype(cfg.train.amp, dev), start_step=start, progress=reporter, save=save,
-                        log_path=out_dir / "log.jsonl")
-    reporter.done(result.step, out_dir / CHECKPOINT, message="stopped early, resume with --resume" if result.stopped_early else "")
+                        log_path=out_dir / "log.jsonl" if info.is_main else None)
+    in_sync = distributed.parameters_in_sync(model)
+    reporter.done(result.step, out_dir / CHECKPOINT, processes=info.world_size, ranks_in_sync=in_sync,
+                  message="stopped early, resume with --resume" if result.stopped_early else "")
     return result
 
 
@@ -89,26 +109,26 @@ def _prepare_run_dir(out_dir: Path, cfg: PretrainConfig, resume: bool) -> None:
         raise UserError(f"{out_dir}: cannot write the run folder ({err.strerror})") from None
 
 
-def _restore(ckpt, model, optimizer) -> int:
+def _restore(ckpt, model, optimizer) -> None:
+    """Weights and optimiser state from a checkpoint, whatever number of processes wrote it."""
     if ckpt is None:
-        return 0
+        return
     unwrap(model).load_state_dict(ckpt["model"])
     if ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("torch_rng") is not None:
-        torch.set_rng_state(ckpt["torch_rng"])
-    return int(ckpt["step"])
 
 
-def _batches(data: str, cfg: PretrainConfig, start_step: int):
+def _batches(data: str, cfg: PretrainConfig, start_step: int, info: distributed.DistInfo):
+    """Endless batches of this rank's shard; each epoch reshuffles, every volume once per epoch over all ranks."""
     items = resolve_datalist(data)
-    while len(items) < cfg.data.batch_size:  # tiny datasets: several random crops of the same volumes
+    while len(items) < cfg.data.batch_size * info.world_size:  # tiny datasets: several crops of the same volumes
         items = items * 2
     dataset = pretrain_dataset(items, cfg.data, cfg.crop_size)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+    sampler = distributed.ShardSampler(len(items), info.rank, info.world_size, seed=cfg.train.seed)
+    generator = torch.Generator().manual_seed(cfg.train.seed + info.rank)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, sampler=sampler, drop_last=True,
                         num_workers=cfg.data.workers, generator=generator, persistent_workers=cfg.data.workers > 0)
-    epochs_done = start_step * cfg.data.batch_size // max(1, len(items))
+    epochs_done = start_step * cfg.data.batch_size * info.world_size // max(1, len(items))
     return cycle(loader, cfg.train.seed, start_epoch=epochs_done)
 
 
@@ -124,6 +144,10 @@ def _step_fn(model, cfg: PretrainConfig, device: torch.device, masks: torch.Gene
 
     def step(batch, progress):
         levels = make_mim_views(batch["image"].to(device).as_tensor(), cfg.mask, patch, masks)
-        for level in model.level_outputs(levels, progress):
+        if isinstance(model, DistributedDataParallel):  # DDP: one forward, one backward per micro-batch
+            losses = model(levels, progress)
+            yield losses, losses.pop("loss")
+            return
+        for level in model.level_outputs(levels, progress):  # alone: back-propagate level by level
             yield level.losses, level.total
     return step
