@@ -3,7 +3,9 @@
 Arrays follow MONAI's convention: axes (x, y, z) = (i, j, k), affine maps voxel (i, j, k) to RAS millimetres."""
 from __future__ import annotations
 
+import gzip
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,21 +25,93 @@ def is_volume_file(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(VOLUME_SUFFIXES)
 
 
-def read_image(path: str | os.PathLike) -> sitk.Image:
-    """Read a 3D scalar volume, or raise a UserError that names the file and what is wrong with it."""
+def read_image(path: str | os.PathLike, max_voxels: int | None = None) -> sitk.Image:
+    """Read a 3D scalar volume, or raise a UserError that names the file and what is wrong with it.
+
+    The header is read first: a volume whose header claims more voxels than `max_voxels` (default: what fits in
+    half of this machine's memory as float32) is refused before anything is allocated."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a volume file")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_floats(path)  # ITK's NIfTI reader turns NaN into 0 without a word
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)  # ITK fills a truncated gzip stream with zeros instead of failing
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        image = sitk.ReadImage(str(path))
+        reader.ReadImageInformation()
+        _check_header(path, reader, max_voxels)
+        image = reader.Execute()
     except RuntimeError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
-        raise UserError(f"{path}: cannot read this volume ({reason[:200]})") from None
-    if image.GetDimension() != 3:
-        raise UserError(f"{path}: expected a 3D volume, found {image.GetDimension()}D {image.GetSize()}")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"{path}: expected one value per voxel, found {image.GetNumberOfComponentsPerPixel()}")
+        raise UserError(f"{path}: cannot read this volume ({_reason(err)})") from None
+    _check_finite(path, image)
     return image
+
+
+def _check_nifti_floats(path: Path) -> None:
+    try:
+        image = nib.load(str(path))
+    except Exception:  # not readable by nibabel: SimpleITK will say what is wrong
+        return
+    if not np.issubdtype(image.get_data_dtype(), np.floating):
+        return
+    try:
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(image.dataobj))))
+    except (EOFError, OSError, ValueError, zlib.error) as err:
+        raise UserError(f"{path}: the file is truncated or corrupt ({_reason(err)})") from None
+    if bad:
+        raise UserError(f"{path}: {bad} voxel(s) are NaN or infinite")
+
+
+def _check_gzip(path: Path) -> None:
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as err:
+        raise UserError(f"{path}: the compressed file is truncated or corrupt ({_reason(err)})") from None
+
+
+def _check_header(path: Path, reader: sitk.ImageFileReader, max_voxels: int | None) -> None:
+    dim, size = reader.GetDimension(), reader.GetSize()
+    if dim == 4 and size[3] == 1:
+        return
+    if dim != 3:
+        raise UserError(f"{path}: expected a 3D volume, found {dim}D {tuple(size)}")
+    if reader.GetNumberOfComponents() != 1:
+        raise UserError(f"{path}: has {reader.GetNumberOfComponents()} values per voxel (a 4D or vector image); "
+                        "expected a 3D scalar volume")
+    voxels = int(np.prod(np.array(size, dtype=np.float64)))
+    limit = max_voxels or _memory_voxels()
+    if voxels > limit:
+        raise UserError(f"{path}: the header claims {size[0]}x{size[1]}x{size[2]} voxels ({voxels * 4 / 2**30:.1f} GiB "
+                        f"as float32), more than this machine can hold; refusing to allocate it")
+    if any(s <= 0 or not np.isfinite(s) for s in reader.GetSpacing()):
+        raise UserError(f"{path}: invalid voxel spacing {reader.GetSpacing()}")
+
+
+def _check_finite(path: Path, image: sitk.Image) -> None:
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(sitk.GetArrayViewFromImage(image))))
+    if bad:
+        raise UserError(f"{path}: {bad} voxel(s) are NaN or infinite")
+
+
+def _memory_voxels() -> int:
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return int(pages * page / 2 / 4)
+    except (ValueError, OSError, AttributeError):
+        return 2**33
+
+
+def _reason(err: Exception) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "unreadable")[:200]
 
 
 def affine_ras(image: sitk.Image) -> np.ndarray:
