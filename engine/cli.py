@@ -46,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_sample_data(sub)
     _add_demo(sub)
+    _add_data(sub)
+    _add_finetune(sub)
+    _add_infer(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -135,3 +139,123 @@ def _add_demo(sub) -> None:
 def _demo(args) -> None:
     from engine.demo import run_demo
     run_demo(args.out, preset=args.preset, steps=args.steps, data=args.data, progress=args.progress)
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="dataset descriptors for fine-tuning")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("index", help="build dataset.json from imagesTr/labelsTr or *_ct/*_label pairs")
+    q.add_argument("folder")
+    q.add_argument("-o", "--out", required=True, help="the dataset.json to write (paths in it are relative to it)")
+    q.add_argument("--labels", nargs="+", metavar="NAME=VALUE", help="label names, e.g. heart=1 aorta=2 "
+                   "(default: label_<value> for every value found)")
+    q.add_argument("--folds", type=int, default=5, help="cross-validation folds assigned to the cases")
+    q.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
+    q.set_defaults(func=_data_index)
+    c = data_sub.add_parser("check", help="verify every volume (and label) before a long run; exit 1 on problems")
+    c.add_argument("path", help="a folder of volumes or a dataset JSON")
+    c.add_argument("--workers", type=int, default=2, help="volumes read in parallel")
+    c.add_argument("--json", help="also write the full report here")
+    c.set_defaults(func=_data_check)
+    k = data_sub.add_parser("cache", help="pre-build the persistent preprocessing cache (data.cache_dir)")
+    k.add_argument("path", help="a folder of volumes or a dataset JSON")
+    k.add_argument("--cache-dir", required=True)
+    k.add_argument("--preset", default="base", help="the preset whose spacing and window the cache is for")
+    k.add_argument("--method", default="mim")
+    k.add_argument("--workers", type=int, default=2)
+    k.set_defaults(func=_data_cache)
+
+
+def _data_check(args) -> None:
+    from engine.datacheck import check_dataset, format_report
+    report = check_dataset(args.path, workers=args.workers)
+    print(format_report(report))
+    if args.json:
+        from engine.dataset import write_json_atomic
+        write_json_atomic(report, args.json)
+    if report["ok"] < report["cases"]:
+        raise SystemExit(1)
+
+
+def _data_cache(args) -> None:
+    from engine.datacheck import build_cache
+    n = build_cache(args.path, args.cache_dir, preset=args.preset, method=args.method, workers=args.workers)
+    print(f"cached the preprocessing of {n} volume(s) in {args.cache_dir}")
+
+
+def _data_index(args) -> None:
+    from engine.dataset import index_folder, parse_label_names, write_json_atomic
+    labels = parse_label_names(args.labels) if args.labels else None
+    tree = index_folder(args.folder, args.out, labels=labels, folds=args.folds, seed=args.seed)
+    write_json_atomic(tree, args.out)
+    print(f"wrote {args.out}: {len(tree['training'])} labelled case(s), {len(tree['test'])} unlabelled, "
+          f"labels {tree['labels']}")
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a segmentation or classification model from pre-trained weights")
+    p.add_argument("--task", default="segmentation", help="segmentation | classification")
+    p.add_argument("--data", required=True, help="dataset.json (segmentation); labels.json or .csv (classification)")
+    p.add_argument("--pretrained", default="none", help="a pre-training checkpoint, the MiM authors' checkpoint, "
+                   "MONAI's SwinUNETR-SSL model_swinvit.pt, or none")
+    p.add_argument("--preset", default="tiny", help="tiny | small | base")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
+    length.add_argument("--epochs", type=int, help="passes over the training cases")
+    p.add_argument("--out", required=True, help="run folder: model.pt, checkpoint.pt, config.yaml, cases.json, log.jsonl")
+    p.add_argument("--freeze-encoder", action="store_true", help="train the new head only")
+    p.add_argument("--fold", type=int, help="validate on this fold of dataset.json, train on the others")
+    p.add_argument("--train-cases", type=int, help="train on this many cases of the training pool (label efficiency)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the case draw, the crops and the initial weights")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set model.roi=64 --set data.hu_window=[-175,250]")
+    _progress_arg(p)
+    p.set_defaults(func=_finetune)
+
+
+def _finetune(args) -> None:
+    from engine.finetune import run_finetune
+    result = run_finetune(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
+                          steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder, fold=args.fold,
+                          train_cases=args.train_cases, seed=args.seed, resume=args.resume, progress=args.progress,
+                          device=args.device, overrides=parse_sets(args.set))
+    if args.progress != "json":
+        print(f"wrote {result.model_path} (best at step {result.best.get('step')}: {result.best.get('metrics')})")
+
+
+def _add_infer(sub) -> None:
+    p = sub.add_parser("infer", help="segment volumes with a fine-tuned model.pt, on the input's own grid")
+    p.add_argument("--checkpoint", required=True, help="model.pt of a fine-tuning run")
+    p.add_argument("--input", required=True, help="a volume (NIfTI, NRRD, MHA), a DICOM series folder, "
+                   "or a folder of volumes")
+    p.add_argument("--output", required=True, help="labelmap file (.nii.gz, .nrrd, .seg.nrrd, .mha) or folder")
+    p.add_argument("--probabilities", action="store_true", help="also write one probability map per label")
+    p.add_argument("--tta", action="store_true", help="average over flips of each axis (4x slower)")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    _progress_arg(p)
+    p.set_defaults(func=_infer)
+
+
+def _infer(args) -> None:
+    from engine.inference import run_infer
+    written = run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
+                        device=args.device, overlap=args.overlap, progress=args.progress)
+    if args.progress != "json":
+        print("\n".join(str(p) for p in written))
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="Dice and HD95 per label of predicted vs reference labelmaps")
+    p.add_argument("--pred", required=True, help="a labelmap, or a folder of them")
+    p.add_argument("--ref", required=True, help="the reference labelmap, or a folder (matched by case name)")
+    p.add_argument("--labels", help="dataset.json (or any JSON with 'labels') naming the label values")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.set_defaults(func=_evaluate)
+
+
+def _evaluate(args) -> None:
+    from engine.evaluate import format_table, run_evaluate
+    print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))

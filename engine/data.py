@@ -21,7 +21,7 @@ IN_MEMORY_CACHE_MAX = 32  # volumes; beyond this, set data.cache_dir for a persi
 LABEL_NAME = re.compile(r"(_label|_labels|_seg|_mask)(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd)$", re.IGNORECASE)
 
 
-def resolve_datalist(path: str | Path, section: str = "training") -> list[dict]:
+def resolve_datalist(path: str | Path, section: str = "training", check_exists: bool = True) -> list[dict]:
     """Items [{"image": path, ...}] from a folder of volumes or a decathlon JSON (relative paths resolved)."""
     path = Path(path)
     if not path.exists():
@@ -33,7 +33,7 @@ def resolve_datalist(path: str | Path, section: str = "training") -> list[dict]:
     else:
         raise UserError(f"{path}: --data takes a folder of volumes or a dataset JSON")
     missing = [it["image"] for it in items if not Path(it["image"]).exists()]
-    if missing:
+    if missing and check_exists:
         raise UserError(f"{path}: {len(missing)} listed image(s) do not exist, first: {missing[0]}")
     return items
 
