@@ -49,7 +49,7 @@ def test_each_kind_of_bad_entry_is_reported(tmp_path):
     dataset.write_text(json.dumps({"labels": {"background": 0, "tumour": 1}, "training": entries}))
     report = check_dataset(str(dataset))
     problems = "\n".join(p for r in report["reports"] for p in r["problems"])
-    for expected in ["truncated or corrupt", "found 2D", "found 4D", "NaN or infinite", "outside [0.05, 20]",
+    for expected in ["truncated or corrupt", "found 2D", "found 4D", "NaN or infinite", "outside [0.05, 20.0]",
                      "refusing to allocate", "label values [7] are not declared", "differs from its image's",
                      "missing_ct.nii.gz: no such file"]:
         assert expected in problems, f"{expected!r} not reported in:\n{problems}"
