@@ -124,6 +124,16 @@ def _guard(named: dict[str, torch.Tensor], step: int) -> None:
                 "Lower the learning rate (--lr), or train in full precision (--amp off), then --resume")
 
 
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume: drop log records of steps after the checkpoint (a killed run may have logged a few more)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
 def _append_log(path: Path | None, record: dict) -> None:
     if path is None:
         return

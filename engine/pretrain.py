@@ -17,7 +17,7 @@ from engine.config import PretrainConfig, build_config, config_from_dict
 from engine.data import pretrain_dataset, resolve_datalist
 from engine.device import amp_dtype
 from engine.errors import UserError
-from engine.loop import LoopResult, cycle, train_loop
+from engine.loop import LoopResult, cycle, train_loop, trim_log
 from engine.masking import make_mim_views
 from engine.models import build_pretrainer
 from engine.optim import build_optimizer
@@ -41,10 +41,11 @@ def run_pretrain(data: str, out: str, method: str = "mim", preset: str = "tiny",
 def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, seed, progress, overrides) -> LoopResult:
     ckpt = _resume_state(out_dir, method, preset) if resume else None
     cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
+    start = int(ckpt["step"]) if ckpt else 0
     if info.is_main:
         _prepare_run_dir(out_dir, cfg, resume)
+        trim_log(out_dir / "log.jsonl", start)
     distributed.barrier()
-    start = int(ckpt["step"]) if ckpt else 0
     set_determinism(seed=cfg.train.seed + 7919 * info.rank + start)
     model = build_pretrainer(cfg).to(dev)
     optimizer = build_optimizer(model, cfg.train)
@@ -102,6 +103,8 @@ def _resolve_config(ckpt, method, preset, steps, seed, overrides) -> PretrainCon
 def _prepare_run_dir(out_dir: Path, cfg: PretrainConfig, resume: bool) -> None:
     if not resume and (out_dir / CHECKPOINT).exists():
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    for stale in out_dir.glob(f".{CHECKPOINT}.tmp*"):  # left by a process killed while saving
+        stale.unlink()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
