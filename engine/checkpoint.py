@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,12 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         raise UserError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError... for foreign or broken files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a loadable MiMSlicer checkpoint (refused to unpickle: {first[:200]})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path}: refused to unpickle: this file holds Python objects, which could run code when "
+                        "loaded; MiMSlicer checkpoints hold plain data only") from None
+    except Exception as err:  # zip reader errors, EOF...: a truncated, corrupt or non-torch file
+        raise UserError(f"{path}: not a loadable checkpoint (truncated, corrupt or not a torch file: "
+                        f"{type(err).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a MiMSlicer checkpoint (no '{FORMAT}' format tag)")
     return ckpt

@@ -29,19 +29,19 @@ LEVEL_NAMES = {1: ["single"], 2: ["coarse", "middle"], 3: ["coarse", "middle", "
 
 def run_reconstruct(checkpoint: str, image: str, out: str, seed: int = 0, center=None, device: str = "auto",
                     progress: str = "bar") -> dict:
-    reporter = Progress(progress, stage="reconstruct", total=1)
-    reporter.start()
     cfg, model = _load_model(checkpoint, pick_device(device))
+    reporter = Progress(progress, stage="reconstruct", total=cfg.mask.levels + 1)  # one step per level, then files
+    reporter.start()
     crop, crop_affine = _load_crop(image, cfg, center)
     levels = make_mim_views(crop[None].to(next(model.parameters()).device), cfg.mask, model.patch,
                             torch.Generator().manual_seed(seed))
-    results = _reconstruct_levels(model, levels, cfg)
+    results = _reconstruct_levels(model, levels, cfg, reporter)
     out_dir = Path(out)
     index = _write_outputs(out_dir, image, checkpoint, seed, cfg, crop, crop_affine, levels, results)
     index["montage"] = write_montage(out_dir / "montage.png", levels, results, cfg.data.hu_window,
                                      LEVEL_NAMES[cfg.mask.levels]).name
     (out_dir / "index.json").write_text(json.dumps(index, indent=1))
-    reporter.done(1, out_dir / "index.json")
+    reporter.done(cfg.mask.levels + 1, out_dir / "index.json")
     return index
 
 
@@ -81,7 +81,7 @@ def _load_crop(image: str, cfg: PretrainConfig, center) -> tuple[torch.Tensor, n
 
 
 @torch.no_grad()
-def _reconstruct_levels(model, levels: list[LevelViews], cfg: PretrainConfig) -> list[dict]:
+def _reconstruct_levels(model, levels: list[LevelViews], cfg: PretrainConfig, reporter: Progress) -> list[dict]:
     """Per level: reconstruction (visible voxels kept, masked ones predicted) and per-view loss, in [0, 1]."""
     model = unwrap(model)
     p = model.patch
@@ -104,6 +104,7 @@ def _reconstruct_levels(model, levels: list[LevelViews], cfg: PretrainConfig) ->
         voxel_mask = unpatchify(m.float().expand_as(target), p, grid)
         out.append({"reconstruction": recon.cpu(), "masked": masked.cpu(), "mask": voxel_mask.cpu(),
                     "loss": per_view.cpu(), "level_loss": float(level.losses[f"rec_l{level.level}"])})
+        reporter.step(level.level, {f"rec_l{level.level}": out[-1]["level_loss"]})
     return out
 
 
