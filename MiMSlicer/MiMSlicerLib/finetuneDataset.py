@@ -10,8 +10,10 @@ import numpy as np
 import slicer
 
 from . import terminology, volumeIO
+from .sceneTransaction import TemporaryNodes
 
 DEFAULT_SEGMENT_PREFIXES = ("segment_", "segment ", "label_", "label ")
+MODEL_OUTPUT_ATTRIBUTE = "MiMSlicer.modelOutput"
 
 
 class LabelledCase:
@@ -21,6 +23,15 @@ class LabelledCase:
     @property
     def title(self):
         return f"{self.volumeNode.GetName()} + {self.segmentationNode.GetName()}"
+
+    @property
+    def key(self):
+        return f"{self.volumeNode.GetID()}|{self.segmentationNode.GetID()}"
+
+    @property
+    def isModelOutput(self):
+        """Made by `engine infer` and not yet confirmed by a person (not ticked by default)."""
+        return (self.segmentationNode.GetAttribute(MODEL_OUTPUT_ATTRIBUTE) or "") != ""
 
     def segmentNames(self):
         segmentation = self.segmentationNode.GetSegmentation()
@@ -44,11 +55,6 @@ class LabelPlan:
     @property
     def ok(self):
         return not self.problems
-
-    def describe(self):
-        lines = ["Labels: " + ", ".join(f"{n} = {v}" for n, v in self.labels.items())] if self.labels else []
-        lines += [f"✖ {p}" for p in self.problems] + [f"⚠ {w}" for w in self.warnings] + [f"• {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 def findLabelledCases(scene):
@@ -147,18 +153,19 @@ def exportDataset(scene, cases, plan, folder):
 
 
 def _writeLabelmap(scene, case, plan, path):
-    values = np.zeros(slicer.util.arrayFromVolume(case.volumeNode).shape, np.uint8)
-    for segmentID in case.segmentIDs():
-        value = plan.segmentLabels.get((case.segmentationNode.GetID(), segmentID))
-        if value:
-            mask = slicer.util.arrayFromSegmentBinaryLabelmap(case.segmentationNode, segmentID, case.volumeNode)
-            values[mask > 0] = value
-    if not values.any():
-        raise ValueError(f"{case.title}: no labelled voxel lies inside the CT volume")
-    labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MiMSlicer_export")
-    try:
-        labelNode.CopyOrientation(case.volumeNode)
+    """The case's segments as one labelmap on the CT's own grid, with the plan's label values."""
+    segmentIDs = [i for i in case.segmentIDs() if plan.segmentLabels.get((case.segmentationNode.GetID(), i))]
+    with TemporaryNodes(scene):  # the labelmap, and the colour table the export makes for it
+        labelNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MiMSlicer_export")
+        exported = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+            case.segmentationNode, segmentIDs, labelNode, case.volumeNode, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY)
+        if not exported or not volumeIO.sameGeometry(labelNode, case.volumeNode):
+            raise ValueError(f"{case.title}: the segmentation could not be put on the CT's grid")
+        order = slicer.util.arrayFromVolume(labelNode)  # 1..n in the order of segmentIDs (later ones on top)
+        table = np.array([0] + [plan.segmentLabels[(case.segmentationNode.GetID(), i)] for i in segmentIDs])
+        table = table.astype(np.uint8 if table.max() < 256 else np.uint16)
+        values = table[order]
+        if not values.any():
+            raise ValueError(f"{case.title}: no labelled voxel lies inside the CT volume")
         slicer.util.updateVolumeFromArray(labelNode, values)
         return volumeIO.writeVolume(labelNode, path)
-    finally:
-        scene.RemoveNode(labelNode)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import slicer
 
-from . import segmentationImport, volumeIO
+from . import hierarchy, segmentationImport, sliceViews, volumeIO
 
 INDEX_FORMAT = "mimslicer-reconstruction/1"
 LAYERS = ("input", "masked", "reconstruction", "error")
@@ -39,14 +39,12 @@ class ReconstructionView:
 
     @property
     def label(self):
-        """One line for the view list."""
+        """One short line for the view list."""
         parts = [f"View {self.index + 1}"]
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.3f}")
-        if self.maskedFraction is not None:
-            parts.append(f"{100 * self.maskedFraction:.0f}% masked")
         if self.parent is not None:
-            parts.append(f"inside view {self.parent + 1} of level {self.level.level - 1}")
+            parts.append(f"in L{self.level.level - 1} view {self.parent + 1}")
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.2f}")
         return " · ".join(parts)
 
 
@@ -96,6 +94,14 @@ class Reconstruction:
                 out += list(v.volumes.values()) + ([v.roi] if v.roi else [])
         return out
 
+    def legendHtml(self):
+        """Coloured squares naming the box colour of each level."""
+        items = []
+        for lv in self.levels:
+            r, g, b = (int(255 * c) for c in LEVEL_COLOURS.get(lv.level, (1, 1, 1)))
+            items.append(f'<span style="color:#{r:02x}{g:02x}{b:02x}">■</span> {lv.name}')
+        return "Boxes: " + " &nbsp; ".join(items)
+
     def summary(self):
         views = self.allViews()
         losses = [v.loss for v in views if v.loss is not None]
@@ -109,12 +115,7 @@ class Reconstruction:
         view = self.view(levelNumber, viewIndex)
         front = view.volumes[layer]
         background = self.sourceVolume or self.levels[0].views[0].volumes["input"]
-        opacity = 0.65 if layer == "error" else 1.0
-        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
-            composite = scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-            composite.SetBackgroundVolumeID(background.GetID())
-            composite.SetForegroundVolumeID(front.GetID())
-            composite.SetForegroundOpacity(opacity)
+        sliceViews.setLayers(scene, background, front, 0.65 if layer == "error" else 1.0)
         for lv in self.levels:
             if lv.maskSegmentation is not None:
                 lv.maskSegmentation.GetDisplayNode().SetVisibility(lv.level == levelNumber)
@@ -124,32 +125,20 @@ class Reconstruction:
                     display.SetOpacity(1.0 if v is view else 0.35)
                     display.SetLineThickness(0.5 if v is view else 0.2)
         if focus:
-            focusSliceViews(scene, view.center, float(np.max(view.boxMax - view.boxMin)))
+            sliceViews.focus(scene, view.center, float(np.max(view.boxMax - view.boxMin)))
         return front
 
 
-def focusSliceViews(scene, center, size):
-    """Centre every slice view on `center` with a field of view 1.6 times `size` (mm)."""
-    slicer.vtkMRMLSliceNode.JumpAllSlices(scene, *[float(c) for c in center], slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
-        sliceNode = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
-        fov = sliceNode.GetFieldOfView()
-        aspect = fov[1] / fov[0] if fov[0] else 1.0
-        width = 1.6 * size / min(1.0, aspect) if aspect < 1 else 1.6 * size
-        sliceNode.SetFieldOfView(width, width * aspect, fov[2])
-
-
-def loadReconstruction(scene, outDir, sourceVolume, tx):
-    """Read outDir/index.json and create all nodes. `tx` is the open SceneTransaction (folders, rollback)."""
+def loadReconstruction(scene, outDir, sourceVolume):
+    """Read outDir/index.json and create all nodes (call inside a SceneTransaction: all or nothing)."""
     with open(os.path.join(outDir, "index.json"), encoding="utf-8") as f:
         result = Reconstruction(json.load(f), sourceVolume)
-    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    parentItem = shNode.GetSceneItemID()
-    if sourceVolume is not None and shNode.GetItemByDataNode(sourceVolume):
-        parentItem = shNode.GetItemParent(shNode.GetItemByDataNode(sourceVolume))
+    shNode = hierarchy.shNode(scene)
+    parentItem = hierarchy.parentOf(scene, sourceVolume) if sourceVolume is not None else shNode.GetSceneItemID()
     title = f"MiM reconstruction · {sourceVolume.GetName()}" if sourceVolume is not None else "MiM reconstruction"
     result.folderItem = shNode.CreateFolderItem(parentItem, scene.GenerateUniqueName(title))
-    shNode.SetItemAttribute(result.folderItem, ATTRIBUTE, outDir)
+    shNode.SetItemAttribute(result.folderItem, ATTRIBUTE, json.dumps(
+        {"checkpoint": result.index.get("checkpoint"), "seed": result.index.get("seed")}))
     for lv in result.levels:
         lv.folderItem = shNode.CreateFolderItem(result.folderItem, lv.label)
         for view in lv.views:
@@ -168,10 +157,10 @@ def _loadView(scene, shNode, outDir, result, view):
         node.SetAttribute(ATTRIBUTE, f"{view.level.level}/{view.index}/{layer}")
         if layer != "error":
             _styleVolume(scene, node, layer, result, None)
-        shNode.SetItemParent(shNode.GetItemByDataNode(node), view.level.folderItem)
+        hierarchy.moveUnder(scene, node, view.level.folderItem)
         view.volumes[layer] = node
     view.roi = _addBox(scene, f"{prefix} box", view, LEVEL_COLOURS.get(view.level.level, (1, 1, 1)))
-    shNode.SetItemParent(shNode.GetItemByDataNode(view.roi), view.level.folderItem)
+    hierarchy.moveUnder(scene, view.roi, view.level.folderItem)
 
 
 def _styleVolume(scene, node, layer, result, errorRange):
@@ -237,12 +226,12 @@ def _loadMasks(scene, shNode, outDir, lv):
                 segment.SetName(f"V{view.index + 1} masked")
                 segment.SetColor(*colour)
         finally:
-            scene.RemoveNode(labelNode)
+            volumeIO.removeNode(scene, labelNode)
     display = segmentationNode.GetDisplayNode()
     display.SetOpacity2DFill(0.12)
     display.SetOpacity2DOutline(0.9)
     display.SetVisibility(False)
-    shNode.SetItemParent(shNode.GetItemByDataNode(segmentationNode), lv.folderItem)
+    hierarchy.moveUnder(scene, segmentationNode, lv.folderItem)
     lv.maskSegmentation = segmentationNode
 
 

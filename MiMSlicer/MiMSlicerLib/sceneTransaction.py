@@ -40,7 +40,8 @@ class SceneTransaction:
         for item in reversed(newItems):
             if shNode.GetItemName(item) and shNode.GetItemDataNode(item) is None:
                 shNode.RemoveItem(item, False, True)
-        log.info("MiMSlicer: rolled back %d nodes and %d folders", len(added), len(newItems))
+        if added or newItems:
+            log.debug("MiMSlicer: removed %d nodes and %d folders", len(added), len(newItems))
 
     def _currentNodeIDs(self):
         return [self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())]
@@ -53,3 +54,11 @@ class SceneTransaction:
         ids = vtk.vtkIdList()
         shNode.GetItemChildren(shNode.GetSceneItemID(), ids, True)
         return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]
+
+
+class TemporaryNodes(SceneTransaction):
+    """Context manager for scratch work: every node added inside the block is removed at its end, always."""
+
+    def __exit__(self, excType, exc, tb):
+        self.rollback()
+        return False

@@ -4,7 +4,7 @@ geometry, and placed beside the input volume (same study) in the subject hierarc
 import numpy as np
 import slicer
 
-from . import terminology, volumeIO
+from . import hierarchy, terminology, volumeIO
 
 TEMP_LABELMAP_NAME = "__MiMSlicer_labelmap"
 
@@ -18,7 +18,7 @@ def importLabelmap(scene, labelPath, referenceVolume, labels, name):
     try:
         if not volumeIO.sameGeometry(labelNode, referenceVolume):
             raise RuntimeError(f"the labelmap {labelPath} is not on the grid of '{referenceVolume.GetName()}'")
-        undeclared = sorted(set(np.unique(slicer.util.arrayFromVolume(labelNode)).astype(int)) - {0, *dict(ordered)})
+        undeclared = sorted(set(np.unique(slicer.util.arrayFromVolume(labelNode)).tolist()) - {0, *dict(ordered)})
         if undeclared:
             raise RuntimeError(f"the labelmap has label values {undeclared} that its label list does not name")
         labelNode.GetDisplayNode().SetAndObserveColorNodeID(colourNode.GetID())
@@ -29,8 +29,8 @@ def importLabelmap(scene, labelPath, referenceVolume, labels, name):
             raise RuntimeError(f"could not turn {labelPath} into segments")
         _completeSegments(segmentationNode, ordered)
     finally:
-        scene.RemoveNode(labelNode)
-        scene.RemoveNode(colourNode)
+        volumeIO.removeNode(scene, labelNode)
+        volumeIO.removeNode(scene, colourNode)
     placeBesideVolume(scene, segmentationNode, referenceVolume)
     return segmentationNode
 
@@ -66,12 +66,7 @@ def _completeSegments(segmentationNode, ordered):
 
 def placeBesideVolume(scene, node, volumeNode):
     """Put `node` under the same subject-hierarchy parent (study, folder) as `volumeNode`."""
-    shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
-    volumeItem = shNode.GetItemByDataNode(volumeNode)
-    nodeItem = shNode.GetItemByDataNode(node)
-    if volumeItem and nodeItem:
-        shNode.SetItemParent(nodeItem, shNode.GetItemParent(volumeItem))
-    return nodeItem
+    hierarchy.moveUnder(scene, node, hierarchy.parentOf(scene, volumeNode))
 
 
 def segmentNamesAndColours(segmentationNode):

@@ -1,6 +1,9 @@
 """Volumes between the scene and the engine's files, through MRML storage nodes (the same code path in desktop
 Slicer and in slicer-core), so geometry (IJK to RAS) is carried by the files, never by array order."""
+import gzip
 import os
+import struct
+import zlib
 
 import numpy as np
 import vtk
@@ -30,6 +33,8 @@ def readVolume(scene, path, name, className="vtkMRMLScalarVolumeNode"):
 def readVolumeInto(node, path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"the engine did not write {path}")
+    if path.endswith((".nii", ".nii.gz")):
+        checkNiftiComplete(path)
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(os.fspath(path))
     if isinstance(node, slicer.vtkMRMLLabelMapVolumeNode):
@@ -37,6 +42,46 @@ def readVolumeInto(node, path):
     if not storage.ReadData(node):
         raise RuntimeError(f"could not read {path}")
     return node
+
+
+def checkNiftiComplete(path):
+    """Raise if a NIfTI-1 file is truncated or corrupt (the MRML reader would silently give a zero-filled volume)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(352)
+            if len(header) < 348:
+                raise ValueError("header cut short")
+            endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            expected = offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bitpix // 8
+            size = len(header)
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as err:
+        raise RuntimeError(f"{os.path.basename(path)} is unreadable ({err})") from None
+    if size < expected:
+        raise RuntimeError(f"{os.path.basename(path)} is truncated ({size} of {expected} bytes)")
+
+
+def removeNode(scene, node):
+    """Remove a node with its display and storage nodes (the MRML library alone leaves those behind)."""
+    if node is None or not scene.IsNodePresent(node):
+        return
+    helpers = []
+    for getCount, getNth in (("GetNumberOfDisplayNodes", "GetNthDisplayNode"),
+                             ("GetNumberOfStorageNodes", "GetNthStorageNode")):
+        if hasattr(node, getCount):
+            helpers += [getattr(node, getNth)(i) for i in range(getattr(node, getCount)())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
 
 
 def ijkToRas(volumeNode):

@@ -1,0 +1,436 @@
+"""MiM Slicer: explore Mask-in-Mask reconstructions level by level, segment CT, fine-tune on cases labelled in Slicer.
+
+Module, Widget, Logic and Test only; the work is in MiMSlicerLib (GUI-free). Every long job runs the bundled engine
+(`python -m engine ...`) as a subprocess read on a thread and polled by a QTimer, so Slicer never freezes."""
+import logging
+
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+
+try:  # PySide6 (the test harness) only: Qt properties as attributes, as PythonQt gives them in Slicer
+    from __feature__ import true_property  # noqa: F401
+except ImportError:
+    pass
+
+from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks
+from MiMSlicerLib.session import FILE_CHOICE, Session
+
+DEVICES = ("auto", "cpu")
+DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",
+            "ModelName": ""}
+
+
+class MiMSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MiM Slicer"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["MiMSlicer authors"]
+        self.parent.helpText = (
+            "Explore what a Mask-in-Mask (MiM) pre-trained model learnt: hide blocks of a CT at three zoom levels and "
+            "watch it reconstruct them, in place. Segment CT with a fine-tuned model, and fine-tune a new one on cases "
+            "you labelled in Slicer. Long jobs run in the background; Cancel stops them and leaves the scene as it was.")
+        self.parent.acknowledgementText = "Built on PyTorch, MONAI and SimpleITK."
+
+
+class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        VTKObservationMixin.__init__(self)  # before the base __init__, which calls setup() when parent is None
+        self.logic, self._parameterNode, self._updating = None, None, False
+        self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
+        self._logLinesShown = 0
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(paths.resourcePath("UI", "MiMSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MiMSlicerLogic()
+        self._plan = self.logic.planLabels([])
+        self.timer = qt.QTimer()
+        self.timer.interval = 200
+        self.timer.timeout.connect(self.onPoll)
+        self._connectWidgets()
+        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
+            self.addObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.refreshModels()
+        self.setParameterNode(self.logic.getParameterNode())
+        self.refreshCases()
+
+    def _connectWidgets(self):
+        ui = self.ui
+        for selector in (ui.inputVolumeSelector, ui.caseVolumeSelector, ui.caseSegmentationSelector):
+            selector.currentNodeChanged.connect(self.onGUIChanged)
+        for combo in (ui.modelComboBox, ui.deviceComboBox, ui.presetComboBox):
+            combo.currentIndexChanged.connect(self.onGUIChanged)
+        for spin in (ui.seedSpinBox, ui.stepsSpinBox):
+            spin.valueChanged.connect(self.onGUIChanged)
+        ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
+        ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
+        ui.reconstructButton.clicked.connect(self.onReconstruct)
+        ui.segmentButton.clicked.connect(self.onSegment)
+        ui.finetuneButton.clicked.connect(self.onFinetune)
+        ui.cancelButton.clicked.connect(self.onCancel)
+        ui.dependenciesButton.clicked.connect(self.onDependencies)
+        ui.downloadButton.clicked.connect(self.onDownload)
+        ui.addCaseButton.clicked.connect(self.onAddCase)
+        ui.casesListWidget.itemChanged.connect(self.onCasesChanged)
+        ui.levelComboBox.currentIndexChanged.connect(self.onLevelChanged)
+        ui.viewListWidget.currentRowChanged.connect(self.onViewChanged)
+        for radio in self._layerRadios().values():
+            radio.toggled.connect(self.onViewChanged)
+
+    def cleanup(self):
+        self.removeObservers()
+        self.logic.cancel()
+        self.timer.stop()
+
+    def enter(self):
+        self.setParameterNode(self.logic.getParameterNode())
+
+    def onSceneStartClose(self, caller, event):
+        self.onCancel()
+        self.logic.reconstruction = None
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        self._manualCases = []
+        self.setParameterNode(self.logic.getParameterNode())
+        self.showReconstruction(None)
+
+    def onSceneNodesChanged(self, caller, event):
+        if not self._updating and not self.logic.busy:
+            self.refreshCases()
+
+    # -- parameter node <-> GUI ------------------------------------------------------------------------------
+    def setParameterNode(self, node):
+        if self._parameterNode is not None:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = node
+        if node is not None:
+            self.logic.setDefaultParameters(node)
+            self.addObserver(node, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self.updateGUI()
+
+    def updateGUI(self, *_):
+        node, ui = self._parameterNode, self.ui
+        if node is None or self._updating:
+            return
+        self._updating = True
+        try:
+            ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
+            ui.modelComboBox.currentIndex = max(ui.modelComboBox.findData(node.GetParameter("Model")), 0)
+            ui.checkpointPathLineEdit.currentPath = node.GetParameter("Checkpoint")
+            ui.deviceComboBox.currentIndex = DEVICES.index(node.GetParameter("Device") or "auto")
+            ui.seedSpinBox.value = int(node.GetParameter("Seed") or 0)
+            ui.stepsSpinBox.value = int(node.GetParameter("Steps") or 200)
+            ui.presetComboBox.currentIndex = max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0)
+            ui.modelNameLineEdit.text = node.GetParameter("ModelName")
+        finally:
+            self._updating = False
+        self.updateButtons()
+
+    def onGUIChanged(self, *_):
+        node, ui = self._parameterNode, self.ui
+        if node is None or self._updating:
+            return
+        wasModifying = node.StartModify()
+        node.SetNodeReferenceID("InputVolume", ui.inputVolumeSelector.currentNodeID or None)
+        modelChanged = node.GetParameter("Model") != (ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) or FILE_CHOICE)
+        node.SetParameter("Model", ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) or FILE_CHOICE)
+        node.SetParameter("Device", DEVICES[max(ui.deviceComboBox.currentIndex, 0)])
+        node.SetParameter("Seed", str(ui.seedSpinBox.value))
+        node.SetParameter("Steps", str(ui.stepsSpinBox.value))
+        node.SetParameter("Preset", ui.presetComboBox.currentText)
+        node.SetParameter("ModelName", ui.modelNameLineEdit.text)
+        if modelChanged:
+            self.logic.matchPresetToModel(node)
+        node.EndModify(wasModifying)
+        self.updateButtons()
+
+    def onCheckpointPathChanged(self, path):
+        if self._parameterNode is None or self._updating:
+            return
+        self._parameterNode.SetParameter("Checkpoint", path or "")
+        if path:
+            self._parameterNode.SetParameter("Model", FILE_CHOICE)
+        self.logic.matchPresetToModel(self._parameterNode)
+
+    def updateButtons(self):
+        ui, node = self.ui, self._parameterNode
+        if node is None:
+            return
+        busy, model = self.logic.busy, self.logic.selectedModel(node)
+        volume = node.GetNodeReference("InputVolume")
+        reasons = {ui.reconstructButton: modelChoice.whyNotReconstruct(volume, model),
+                   ui.segmentButton: modelChoice.whyNotSegment(volume, model),
+                   ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text)}
+        for button, reason in reasons.items():
+            button.enabled = not busy and not reason
+            button.toolTip = "Another job is running." if busy else reason
+        ui.segmentButton.text = f"Segment {volume.GetName()}" if volume else "Segment"
+        if volume is None or volume.GetID() != self._segmentedVolumeID:
+            ui.segmentResultLabel.text = ""
+        ui.modelInfoLabel.text = model.infoHtml()
+        ui.modelInfoLabel.visible = bool(ui.modelInfoLabel.text)
+        ui.downloadButton.visible = model.needsDownload
+        ui.downloadButton.enabled = not busy
+        ui.startFromLabel.text = model.startFromText()
+        ui.cancelButton.enabled = busy
+        for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector):
+            widget.enabled = not busy
+        ui.checkpointPathLineEdit.enabled = not busy and model.isFile
+        text, kind = self._jobStatus
+        if not text:  # nothing to report: say what to do next
+            text, kind = next((r for r in reasons.values() if r), ""), "hint"
+        ui.statusLabel.text = panelText.status(text, kind)
+
+    def setJobStatus(self, text, kind="info"):
+        self._jobStatus = (text, kind)
+        self.updateButtons()
+
+    # -- models and cases ------------------------------------------------------------------------------------
+    def refreshModels(self, selectID=None):
+        combo = self.ui.modelComboBox
+        wasUpdating, self._updating = self._updating, True
+        try:
+            combo.clear()
+            for entry in self.logic.catalogueEntries():
+                kind = "MiM pre-trained" if entry["task"] == "pretraining" else "Segmentation"
+                combo.addItem(f"{kind} · {entry['name']}", entry["id"])
+            combo.addItem("Checkpoint file (below)", FILE_CHOICE)
+        except Exception as err:  # a broken user catalogue must not hide the module
+            self._jobStatus = (str(err), "error")
+        finally:
+            self._updating = wasUpdating
+        if selectID and self._parameterNode is not None:
+            self._parameterNode.SetParameter("Model", selectID)
+        self.updateGUI()
+
+    def refreshCases(self):
+        listWidget = self.ui.casesListWidget
+        previous = {listWidget.item(i).data(qt.Qt.UserRole): listWidget.item(i).checkState() == qt.Qt.Checked
+                    for i in range(listWidget.count)}
+        listWidget.blockSignals(True)
+        listWidget.clear()
+        for case in self.logic.labelledCases(self._manualCases):
+            note = " · model output" if case.isModelOutput else ""
+            item = qt.QListWidgetItem(f"{case.title} ({', '.join(case.segmentNames()) or 'no segments'}){note}")
+            item.setToolTip(f"CT: {case.volumeNode.GetName()}\nSegmentation: {case.segmentationNode.GetName()}" +
+                            ("\nMade by a model: correct it before training on it." if case.isModelOutput else ""))
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            checked = previous.get(case.key, not case.isModelOutput)
+            item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
+            item.setData(qt.Qt.UserRole, case.key)
+            listWidget.addItem(item)
+        listWidget.blockSignals(False)
+        self.onCasesChanged()
+
+    def checkedCases(self):
+        listWidget, scene, cases = self.ui.casesListWidget, slicer.mrmlScene, []
+        for i in range(listWidget.count):
+            item = listWidget.item(i)
+            if item.checkState() == qt.Qt.Checked:
+                volume, segmentation = (scene.GetNodeByID(n) for n in item.data(qt.Qt.UserRole).split("|"))
+                if volume is not None and segmentation is not None:
+                    cases.append(finetuneDataset.LabelledCase(volume, segmentation))
+        return cases
+
+    def onCasesChanged(self, *_):
+        cases = self.checkedCases()
+        self._plan = self.logic.planLabels(cases)
+        self.ui.labelPlanLabel.text = panelText.labelPlan(self._plan) if cases else ""
+        if cases and not self.ui.modelNameLineEdit.text and self._parameterNode is not None:
+            self._parameterNode.SetParameter("ModelName", self.logic.suggestModelName(cases))
+        self.updateButtons()
+
+    def onAddCase(self):
+        volume, segmentation = self.ui.caseVolumeSelector.currentNode(), self.ui.caseSegmentationSelector.currentNode()
+        if volume is None or segmentation is None:
+            self.setJobStatus("To add a case by hand, choose its CT volume and its segmentation first.", "hint")
+            return
+        self._manualCases.append((volume.GetID(), segmentation.GetID()))
+        self.refreshCases()
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    def onReconstruct(self):
+        node = self._parameterNode
+        center = self.logic.crosshairPosition() if self.ui.centerOnCrosshairCheckBox.checked else None
+        self.runTask(lambda: self.logic.startReconstruction(
+            node.GetNodeReference("InputVolume"), self.logic.selectedModel(node).path,
+            seed=int(node.GetParameter("Seed")), center=center, device=node.GetParameter("Device")))
+
+    def onSegment(self):
+        node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
+        self.runTask(lambda: self.logic.startSegmentation(
+            node.GetNodeReference("InputVolume"), model.path, labels=model.labels, device=node.GetParameter("Device")))
+
+    def onFinetune(self):
+        node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
+        task = self.runTask(lambda: self.logic.startFinetune(
+            self.checkedCases(), model.path, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
+            steps=int(node.GetParameter("Steps")), device=node.GetParameter("Device"), pretrainedLabel=model.name))
+        if task is not None:
+            self.logic.showChart(task.plot.chart)
+
+    def onDownload(self):
+        model = self.logic.selectedModel(self._parameterNode)
+        self.runTask(lambda: self.logic.startDownload(model.entry))
+
+    def runTask(self, startTask):
+        self.ui.logTextEdit.plainText = ""
+        self._logLinesShown = 0
+        self.ui.progressBar.value = 0
+        try:
+            task = startTask()
+        except Exception as err:
+            logging.exception("MiMSlicer: the job did not start")
+            self.setJobStatus(str(err), "error")
+            return None
+        self.ui.progressLabel.text = task.message
+        self.setJobStatus(task.message, "info")
+        self.timer.start()
+        return task
+
+    def onPoll(self):
+        task = self.logic.task
+        self.logic.poll()
+        if task is not None:
+            for line in task.logLines[self._logLinesShown:]:
+                self.ui.logTextEdit.appendPlainText(line)
+            self._logLinesShown = len(task.logLines)
+        if task is None:
+            self.timer.stop()
+            return
+        self.ui.progressBar.value = int(100 * task.fraction)
+        self.ui.progressLabel.text = task.message
+        if not task.running:
+            self.timer.stop()
+            self.onTaskEnded(task)
+
+    def onTaskEnded(self, task):
+        kind = {tasks.DONE: "done", tasks.FAILED: "error", tasks.CANCELLED: "info"}[task.state]
+        self.ui.progressBar.value = 100 if task.state == tasks.DONE else 0
+        self.ui.progressLabel.text = "No job running."
+        if task.state == tasks.DONE and isinstance(task, tasks.ReconstructTask):
+            self.showReconstruction(task.result)
+        elif task.state == tasks.DONE and isinstance(task, tasks.SegmentTask):
+            self._segmentedVolumeID = task.volumeNode.GetID()
+            self.ui.segmentResultLabel.text = panelText.status(task.message, "done")
+        elif task.state == tasks.DONE and isinstance(task, tasks.FinetuneTask):
+            self.refreshModels(selectID=task.result["id"])
+        self.refreshCases()
+        self.setJobStatus(task.message, kind)
+
+    def onCancel(self):
+        if self.logic is not None and self.logic.busy:
+            self.logic.cancel()
+            self.onPoll()
+
+    def onDependencies(self):
+        if not self.logic.dependencies.check():
+            self.setJobStatus("All engine packages are installed.", "done")
+            return
+        try:
+            result = self.logic.dependencies.install(confirm=slicer.util.confirmOkCancelDisplay)
+            self.setJobStatus(result.message, "warning" if result.declined else "done")
+        except Exception as err:
+            self.setJobStatus(f"Installing the engine packages failed: {err}", "error")
+
+    # -- reconstruction browser ------------------------------------------------------------------------------
+    def _layerRadios(self):
+        ui = self.ui
+        return {"input": ui.showInputRadioButton, "masked": ui.showMaskedRadioButton,
+                "reconstruction": ui.showReconstructionRadioButton, "error": ui.showErrorRadioButton}
+
+    def showReconstruction(self, result):
+        combo = self.ui.levelComboBox
+        combo.blockSignals(True)
+        combo.clear()
+        for level in (result.levels if result else []):
+            combo.addItem(level.label, level.level)
+        combo.blockSignals(False)
+        self.ui.viewListWidget.clear()
+        self.ui.reconstructionSummaryLabel.text = (
+            f"{panelText.escape(result.summary())}.<br>{result.legendHtml()}; outlines: the hidden blocks."
+            if result else "")
+        if result:
+            combo.currentIndex = 0
+            self.onLevelChanged()
+
+    def onLevelChanged(self, *_):
+        result, combo = self.logic.reconstruction, self.ui.levelComboBox
+        if result is None or combo.currentIndex < 0:
+            return
+        views = self.ui.viewListWidget
+        views.blockSignals(True)
+        views.clear()
+        for view in result.level(combo.itemData(combo.currentIndex)).views:
+            views.addItem(view.label)
+        views.blockSignals(False)
+        views.currentRow = 0
+        self.onViewChanged()
+
+    def onViewChanged(self, *_):
+        result, combo, views = self.logic.reconstruction, self.ui.levelComboBox, self.ui.viewListWidget
+        if result is None or combo.currentIndex < 0 or views.currentRow < 0:
+            return
+        layer = next(name for name, radio in self._layerRadios().items() if radio.checked)
+        self.logic.showReconstructionView(combo.itemData(combo.currentIndex), views.currentRow, layer)
+
+
+class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
+    """Starts engine jobs from scene nodes and follows the current one (MiMSlicerLib.session.Session), with the
+    widget state in a parameter node. Never opens dialogs, never blocks."""
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        Session.__init__(self)
+
+    def setDefaultParameters(self, node):
+        for name, value in DEFAULTS.items():
+            if not node.GetParameter(name):
+                node.SetParameter(name, value)
+        if not node.GetNodeReference("InputVolume"):
+            volume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if volume is not None and not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                node.SetNodeReferenceID("InputVolume", volume.GetID())
+
+    def selectedModel(self, node):
+        return self.modelFor(node.GetParameter("Model"), node.GetParameter("Checkpoint"))
+
+    def matchPresetToModel(self, node):
+        """A fine-tune must use the network size of the encoder it starts from."""
+        preset = self.selectedModel(node).preset
+        if preset in ("tiny", "small", "base"):
+            node.SetParameter("Preset", preset)
+
+    def crosshairPosition(self):
+        crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
+        return list(crosshair.GetCrosshairRAS()) if crosshair is not None else None
+
+    def showChart(self, chartNode):
+        """Show the training curves in a plot view of the layout (desktop Slicer; headless there is no layout)."""
+        if hasattr(slicer.app, "layoutManager"):
+            slicer.modules.plots.logic().ShowChartInLayout(chartNode)
+
+
+class MiMSlicerTest(ScriptedLoadableModuleTest):
+    """Desktop Slicer only (Reload and Test, or ctest through slicer_add_python_unittest): what the headless tests
+    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        from MiMSlicerLib import desktopTests
+        desktopTests.run(self)

@@ -1,0 +1,107 @@
+"""What the module's Logic does, without Qt: the model catalogue, the engine packages, the one job that may run at
+a time and the last reconstruction. MiMSlicerLogic (MiMSlicer.py) is this plus the parameter node."""
+import time
+
+import slicer
+
+from . import finetuneDataset, modelChoice, tasks
+from .catalogue import ModelCatalogue
+from .dependencies import Dependencies
+
+FILE_CHOICE = "file"
+
+
+class Session:
+    def __init__(self):
+        self.catalogue = ModelCatalogue()
+        self.dependencies = Dependencies()
+        self.task = None
+        self.reconstruction = None
+
+    # -- models and cases ------------------------------------------------------------------------------------
+    def catalogueEntries(self):
+        return self.catalogue.entries()
+
+    def modelFor(self, choice, checkpointPath):
+        """The catalogue entry `choice`, or the checkpoint file when choice is FILE_CHOICE (or unknown)."""
+        if choice and choice != FILE_CHOICE:
+            try:
+                entry = self.catalogue.get(choice)
+                return modelChoice.SelectedModel(entry, self.catalogue.localFile(entry))
+            except (KeyError, ValueError):
+                pass
+        return modelChoice.SelectedModel(None, checkpointPath, isFile=True)
+
+    def labelledCases(self, manualPairs=()):
+        """Cases found in the scene (segmentations with their reference CT) plus pairs the user added by hand."""
+        scene = slicer.mrmlScene
+        cases = finetuneDataset.findLabelledCases(scene)
+        known = {c.key for c in cases}
+        for volumeID, segmentationID in manualPairs:
+            volume, segmentation = scene.GetNodeByID(volumeID), scene.GetNodeByID(segmentationID)
+            if volume is not None and segmentation is not None and f"{volumeID}|{segmentationID}" not in known:
+                cases.append(finetuneDataset.LabelledCase(volume, segmentation))
+        return cases
+
+    def planLabels(self, cases):
+        return finetuneDataset.planLabels(cases)
+
+    def suggestModelName(self, cases):
+        names = list(self.planLabels(cases).labels)
+        return " + ".join(names[:3]) + (" …" if len(names) > 3 else "")
+
+    # -- jobs ------------------------------------------------------------------------------------------------
+    @property
+    def busy(self):
+        return self.task is not None and self.task.running
+
+    def startDownload(self, entry):
+        return self._start(tasks.DownloadTask(slicer.mrmlScene, entry["url"], self.catalogue.localFile(entry),
+                                              entry.get("sha256", "")))
+
+    def startReconstruction(self, volume, checkpoint, seed=0, center=None, device="auto"):
+        return self._start(tasks.ReconstructTask(slicer.mrmlScene, volume, checkpoint, seed=seed, center=center,
+                                                 device=device))
+
+    def startSegmentation(self, volume, model, labels=None, device="auto"):
+        return self._start(tasks.SegmentTask(slicer.mrmlScene, volume, model, labels=labels, device=device))
+
+    def startFinetune(self, cases, pretrained, modelName, preset="tiny", steps=200, device="auto", pretrainedLabel=None):
+        return self._start(tasks.FinetuneTask(slicer.mrmlScene, cases, self.planLabels(cases), pretrained,
+                                              modelName.strip(), self.catalogue, preset=preset, steps=steps,
+                                              device=device, pretrainedLabel=pretrainedLabel))
+
+    def _start(self, task):
+        if self.busy:
+            raise RuntimeError("Another MiMSlicer job is running; wait for it or cancel it.")
+        self.task = task
+        return task.start()
+
+    def poll(self):
+        """New events of the current job (the widget calls this from its QTimer)."""
+        if not self.busy:
+            return []
+        events = self.task.poll()
+        if self.task.state == tasks.DONE and isinstance(self.task, tasks.ReconstructTask):
+            self.reconstruction = self.task.result
+        return events
+
+    def wait(self, timeout=None):
+        """Run the current job to its end (scripts and tests), with the same effects as polling it from the GUI."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.busy:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"{self.task.title} did not finish within {timeout} s")
+            time.sleep(0.05)
+        return self.task
+
+    def cancel(self):
+        if self.busy:
+            self.task.cancel()
+
+    def showReconstructionView(self, level, viewIndex, layer="reconstruction"):
+        if self.reconstruction is None:
+            return None
+        return self.reconstruction.show(slicer.mrmlScene, level, viewIndex, layer)
