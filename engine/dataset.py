@@ -64,7 +64,7 @@ def case_name(path: str | os.PathLike) -> str:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     name = NNUNET_CHANNEL.sub("", name)
-    return LABEL_SUFFIX.sub("", IMAGE_SUFFIX.sub("", name))
+    return IMAGE_SUFFIX.sub("", LABEL_SUFFIX.sub("", name))  # x_label, x_ct and x_ct_seg all name case x
 
 
 def load_dataset(path: str | os.PathLike) -> LabelledDataset:
@@ -79,7 +79,7 @@ def load_dataset(path: str | os.PathLike) -> LabelledDataset:
         raise UserError(f"{path}: no 'training' list of {{\"image\": ..., \"label\": ...}} entries")
     unlabelled = [it["image"] for it in lists["training"] + lists["validation"] if "label" not in it]
     if unlabelled:
-        raise UserError(f"{path}: {len(unlabelled)} training/validation item(s) have no 'label', first: {unlabelled[0]}")
+        raise UserError(f"{path}: {len(unlabelled)} training/validation item(s) lack a 'label', first: {unlabelled[0]}")
     channels = {str(k): str(v) for k, v in (tree.get("channel_names") or {"0": "CT"}).items()}
     return LabelledDataset(path, labels, channels, lists["training"], lists["validation"], lists["test"])
 
@@ -113,14 +113,14 @@ def _parse_labels(labels, path: Path) -> dict[str, int]:
     return dict(sorted(parsed.items(), key=lambda kv: kv[1]))
 
 
-def _resolve_item(item, path: Path, section: str) -> dict:
+def _resolve_item(item, path: Path, section: str, path_keys=("image", "label")) -> dict:
     item = {"image": item} if isinstance(item, str) else dict(item)
     if "image" not in item:
         raise UserError(f"{path}: an entry of '{section}' has no 'image': {item}")
-    for key in ("image", "label"):
+    for key in path_keys:
         if isinstance(item.get(key), str):
             item[key] = str((path.parent / item[key]).resolve())
-    missing = [item[k] for k in ("image", "label") if isinstance(item.get(k), str) and not Path(item[k]).exists()]
+    missing = [item[k] for k in path_keys if isinstance(item.get(k), str) and not Path(item[k]).exists()]
     if missing:
         raise UserError(f"{path}: '{section}' lists a file that does not exist: {missing[0]}")
     item.setdefault("name", case_name(item["image"]))
@@ -155,7 +155,8 @@ def _find_pairs(folder: Path) -> tuple[list[tuple[Path, Path]], list[Path]]:
         images = _volumes(folder / "imagesTr")
         labels = {case_name(p): p for p in _volumes(folder / "labelsTr")} if (folder / "labelsTr").is_dir() else {}
         test = _volumes(folder / "imagesTs") if (folder / "imagesTs").is_dir() else []
-        multi = [p for p in images if NNUNET_CHANNEL.search(case_name_raw(p)) and not case_name_raw(p).endswith("_0000")]
+        multi = [p for p in images if NNUNET_CHANNEL.search(case_name_raw(p)) and not p.name.startswith(
+            case_name(p) + "_0000")]
         if multi:
             raise UserError(f"{folder}: multi-channel cases ({multi[0].name}) are not supported yet; CT is one channel")
     else:
@@ -187,7 +188,7 @@ def _ending(path: Path) -> str:
 def _label_values(paths: list[Path]) -> list[int]:
     values: set[int] = set()
     for p in paths:
-        values.update(int(v) for v in np.unique(sitk.GetArrayViewFromImage(read_image(p))))
+        values.update(int(v) for v in np.unique(sitk.GetArrayFromImage(read_image(p))))
     return sorted(values)
 
 
@@ -270,9 +271,58 @@ def _header(path: str) -> sitk.ImageFileReader:
 
 
 def _same_grid(image, label, case: dict) -> None:
-    checks = {"size": (image.GetSize(), label.GetSize()), "spacing": (image.GetSpacing(), label.GetSpacing()),
-              "origin": (image.GetOrigin(), label.GetOrigin()), "direction": (image.GetDirection(), label.GetDirection())}
+    checks = {what: (getattr(image, f"Get{what.title()}")(), getattr(label, f"Get{what.title()}")())
+              for what in ("size", "spacing", "origin", "direction")}
     for what, (a, b) in checks.items():
         if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
             raise UserError(f"{case['label']}: its {what} {tuple(np.round(b, 4))} differs from the image's "
                             f"{tuple(np.round(a, 4))} ({Path(case['image']).name}); labels must lie on the image grid")
+
+
+@dataclass(frozen=True)
+class ClassificationDataset:
+    """Volumes with one class each, from a CSV (`image,label[,fold]`) or a JSON (decathlon lists whose `label` is
+    a class, and optional `classes` naming them in index order)."""
+
+    path: Path
+    classes: list[str]
+    training: list[dict]
+    validation: list[dict] = field(default_factory=list)
+
+
+def load_classification_dataset(path: str | os.PathLike) -> ClassificationDataset:
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        tree = {"training": _csv_rows(path)}
+    else:
+        tree = _read_json(path)
+    lists = {s: [_resolve_item(it, path, s, ("image",)) for it in tree.get(s) or []]
+             for s in ("training", "validation")}
+    items = lists["training"] + lists["validation"]
+    if not lists["training"] or any("label" not in it for it in items):
+        raise UserError(f"{path}: needs training items with an 'image' and a class 'label'")
+    classes = [str(c) for c in tree.get("classes") or sorted({str(it["label"]) for it in items}, key=_class_order)]
+    if len(classes) < 2:
+        raise UserError(f"{path}: classification needs at least 2 classes, found {classes}")
+    index = {name: i for i, name in enumerate(classes)}
+    for it in items:
+        if str(it["label"]) not in index:
+            raise UserError(f"{path}: class '{it['label']}' of {Path(it['image']).name} is not in classes {classes}")
+        it["label"] = index[str(it["label"])]
+    return ClassificationDataset(path, classes, lists["training"], lists["validation"])
+
+
+def _class_order(name: str):
+    return (0, int(name), "") if name.lstrip("-").isdigit() else (1, 0, name)
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    import csv
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read ({err.strerror})") from None
+    if not rows or not {"image", "label"} <= set(rows[0]):
+        raise UserError(f"{path}: a classification CSV needs 'image' and 'label' columns")
+    return [{k: (int(v) if k == "fold" and v != "" else v) for k, v in row.items() if v != ""} for row in rows]

@@ -33,7 +33,8 @@ class ModelConfig:
             raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}")
         if self.backbone == "swinunetr":
             if self.roi % 32 or self.roi < 64:
-                raise UserError(f"SwinUNETR needs model.roi divisible by 32 and at least 64, got {self.roi}")
+                raise UserError(f"SwinUNETR needs model.roi divisible by 32 and at least 64, got {self.roi} "
+                                "(e.g. --set model.roi=64)")
             if self.feature_size % 12:
                 raise UserError(f"SwinUNETR needs model.feature_size divisible by 12, got {self.feature_size}")
         if self.feature_size < 1:

@@ -2,7 +2,9 @@
 cached in memory, then random foreground-weighted crops with light augmentation."""
 from __future__ import annotations
 
+import math
 from functools import partial
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -10,8 +12,9 @@ from monai import transforms as T
 from monai.data import CacheDataset, DataLoader
 
 from engine.finetune_config import FinetuneConfig
-from engine.geometry import image_array, label_to_grid, to_model_grid, window
+from engine.geometry import body_level, image_array, label_to_grid, to_model_grid, window
 from engine.imageio import array_xyz, read_image
+from engine.loop import cycle
 
 IMAGE, LABEL = "image", "label"
 
@@ -33,14 +36,9 @@ class LoadCase:
         out[IMAGE] = window(image_array(grid), self.hu_window)[None]
         if self.lut is not None and isinstance(item.get(LABEL), str):
             values = array_xyz(label_to_grid(read_image(item[LABEL]), grid), np.int64)
-            out[LABEL] = self.lut[np.clip(values, 0, len(self.lut) - 1)][None]
+            known = (values >= 0) & (values < len(self.lut))  # undeclared values (refused by verify_cases) -> 0
+            out[LABEL] = np.where(known, self.lut[np.clip(values, 0, len(self.lut) - 1)], 0.0)[None]
         return out
-
-
-def body_level(hu_window) -> float:
-    """-500 HU (the body's edge) in windowed units, clipped to [0, 1]."""
-    lo, hi = hu_window
-    return float(min(max((-500.0 - lo) / (hi - lo), 0.0), 1.0))
 
 
 def _denser_than(x, level: float):
@@ -75,7 +73,8 @@ def classification_transforms(cfg: FinetuneConfig, train: bool) -> T.Compose:
     """The body, resized whole to ROI^3 (the classifier sees the full field of view)."""
     roi, a = (cfg.model.roi,) * 3, cfg.augment
     steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window), _crop_body([IMAGE], cfg.data.hu_window),
-             T.Resized(IMAGE, spatial_size=roi, mode="trilinear"), T.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False)]
+             T.Resized(IMAGE, spatial_size=roi, mode="trilinear"),
+             T.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False)]
     if train:
         steps += [*(T.RandFlipd(IMAGE, prob=a.flip, spatial_axis=axis) for axis in range(3)),
                   T.RandScaleIntensityd(IMAGE, factors=a.intensity_amount, prob=a.intensity),
@@ -83,12 +82,20 @@ def classification_transforms(cfg: FinetuneConfig, train: bool) -> T.Compose:
     return T.Compose(steps)
 
 
+def steps_per_epoch(n_cases: int, batch_size: int) -> int:
+    """Optimiser steps for every training case to be drawn once."""
+    return math.ceil(n_cases / batch_size)
+
+
 def cached(items: list[dict], transform: T.Compose) -> CacheDataset:
     """Everything before the first random transform is computed once and kept in memory."""
     return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
 
 
-def training_loader(dataset, cfg: FinetuneConfig) -> DataLoader:
+def endless_batches(dataset, cfg: FinetuneConfig, start_step: int = 0) -> Iterator:
+    """Shuffled batches forever (reseeded per epoch), resuming in the epoch that `start_step` falls in."""
     generator = torch.Generator().manual_seed(cfg.train.seed)
-    return DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=False, num_workers=0,
-                      generator=generator)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=False, num_workers=0,
+                        generator=generator)
+    epoch = start_step // steps_per_epoch(len(dataset), cfg.data.batch_size)
+    return cycle(loader, cfg.train.seed, start_epoch=epoch)

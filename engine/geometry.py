@@ -12,7 +12,8 @@ from engine.imageio import array_xyz
 AIR_HU = -1024.0  # value of the image outside its own field of view
 
 
-def to_model_grid(image: sitk.Image, spacing, interpolator=sitk.sitkLinear, default: float = AIR_HU) -> sitk.Image:
+def to_model_grid(image: sitk.Image, spacing, interpolator=sitk.sitkLinear,
+                  default: float = AIR_HU) -> sitk.Image:
     """The image in nearest-RAS orientation at `spacing` mm (same physical extent, voxel 0 at the same place)."""
     oriented = sitk.DICOMOrient(image, "RAS")
     old_spacing = np.array(oriented.GetSpacing())
@@ -37,10 +38,15 @@ def window(array: np.ndarray, hu_window) -> np.ndarray:
     return np.clip((array.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
+def body_level(hu_window) -> float:
+    """-500 HU, the body's edge, in windowed units (clipped to [0, 1])."""
+    lo, hi = (float(v) for v in hu_window)
+    return min(max((-500.0 - lo) / (hi - lo), 0.0), 1.0)
+
+
 def body_box(image01: np.ndarray, hu_window, margin: int = 2) -> tuple[slice, ...]:
     """Bounding box (x, y, z slices) of voxels denser than -500 HU in a windowed [X, Y, Z] array; whole if empty."""
-    lo, hi = (float(v) for v in hu_window)
-    level = min(max((-500.0 - lo) / (hi - lo), 0.0), 1.0)
+    level = body_level(hu_window)
     inside = np.argwhere(image01 > level) if level < 1.0 else np.empty((0, 3))
     if inside.size == 0:
         return tuple(slice(0, s) for s in image01.shape)

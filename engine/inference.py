@@ -7,6 +7,7 @@ image itself, so the labelmap has exactly the input's size, origin, spacing and 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,15 @@ import torch.nn as nn
 from monai.inferers import SlidingWindowInferer
 
 from engine.checkpoint import load_checkpoint
+from engine.dataset import case_name
 from engine.device import amp_dtype, autocast, pick_device
 from engine.errors import UserError
 from engine.finetune_config import finetune_config_from_dict
 from engine.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
 from engine.imageio import is_volume_file, read_image
+from engine.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.models.segmenter import build_segmenter
+from engine.progress import Progress
 
 log = logging.getLogger(__name__)
 TTA_FLIPS = ((), (2,), (3,), (4,))  # identity and one flip per spatial axis of [B, C, X, Y, Z]
@@ -92,7 +96,7 @@ class SegmentationPredictor:
     def from_checkpoint(cls, path: str | Path, settings: InferenceSettings = InferenceSettings()):
         ckpt = load_checkpoint(path)
         if ckpt.get("kind") != "segmentation":
-            raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; inference needs a fine-tuned segmentation model.pt")
+            raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; `infer` needs a segmentation model.pt")
         cfg = finetune_config_from_dict(ckpt["config"])
         spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]))
         model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
@@ -151,8 +155,13 @@ def read_input(path: str | Path) -> tuple[sitk.Image, str]:
 
 def dicom_series(folder: Path) -> dict[str, list[str]]:
     """Series UID -> sorted slice files, for the DICOM series directly in `folder`."""
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-    return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr when a folder holds no series
+    try:
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
+        return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
 def input_jobs(input_path: str | Path, output: str | Path) -> list[tuple[Path, Path]]:
@@ -163,18 +172,45 @@ def input_jobs(input_path: str | Path, output: str | Path) -> list[tuple[Path, P
         if not volumes:
             raise UserError(f"{input_path}: no volumes and no DICOM series in this folder")
         if is_volume_file(output):
-            raise UserError(f"--input is a folder of {len(volumes)} volumes: --output must be a folder, not {output.name}")
+            raise UserError(f"--input holds {len(volumes)} volumes: --output must be a folder, not {output.name}")
         if output.resolve() == input_path.resolve():
             raise UserError("--output must differ from the --input folder")
-        return [(p, output / f"{_stem(p)}_seg.nii.gz") for p in volumes]
+        return [(p, output / f"{case_name(p)}_seg.nii.gz") for p in volumes]
     if not is_volume_file(output):
-        output = output / f"{_stem(input_path)}_seg.nii.gz"
+        output = output / f"{case_name(input_path)}_seg.nii.gz"
     return [(input_path, output)]
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def run_infer(checkpoint: str | Path, input_path: str | Path, output: str | Path, probabilities: bool = False,
+              tta: bool = False, device: str = "auto", overlap: float = 0.5, progress: str = "bar") -> list[Path]:
+    """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written."""
+    jobs = input_jobs(input_path, output)
+    settings = InferenceSettings(overlap=overlap, tta=tta, device=device)
+    predictor = SegmentationPredictor.from_checkpoint(checkpoint, settings)
+    reporter = Progress(progress, stage="infer", total=len(jobs))
+    reporter.start(0, message=f"{len(jobs)} volume(s) on {predictor.device}")
+    written = []
+    for n, (source, target) in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        written.append(_infer_one(predictor, source, target, probabilities, checkpoint, reporter))
+        reporter.step(n, {"seconds": round(time.perf_counter() - t0, 2)})
+    reporter.done(len(jobs), written[0] if len(written) == 1 else Path(output), paths=[str(p) for p in written])
+    return written
+
+
+def _infer_one(predictor: SegmentationPredictor, source: Path, target: Path, probabilities: bool, checkpoint,
+               reporter: Progress) -> Path:
+    image, note = read_input(source)
+    if note:
+        log.warning(note)
+        reporter.event("input", path=str(source), message=note)
+    t0 = time.perf_counter()
+    result = predictor.predict(image, probabilities)
+    extra = {"source": str(source), "model": str(checkpoint), "tta": predictor.settings.tta,
+             "seconds": round(time.perf_counter() - t0, 2)}
+    if result.probabilities:
+        extra["probabilities"] = {}
+        for name, prob in result.probabilities.items():
+            extra["probabilities"][name] = write_image_atomic(prob, probability_path(target, name)).name
+    labels = {k: v for k, v in predictor.spec.labels.items() if v != 0}
+    return write_labelmap(result.labelmap, target, labels, extra)

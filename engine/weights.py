@@ -34,8 +34,10 @@ AUTHORS_KEY_MAP = [
     (r"patch_embed([1-4])\.proj\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.proj.{m[2]}"),
     (r"patch_embed([1-4])\.norm\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.norm.norm.{m[2]}"),
     (r"stage([1-3])_output_decode\.(weight|bias)", lambda m: f"stage_proj.{int(m[1]) - 1}.{m[2]}"),
-    (r"blocks([1-3])\.(\d+)\.(norm1|norm2)\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.norm.{m[4]}"),
-    (r"blocks([1-3])\.(\d+)\.(conv1|conv2)\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+    (r"blocks([1-3])\.(\d+)\.(norm1|norm2)\.(weight|bias)",
+     lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.norm.{m[4]}"),
+    (r"blocks([1-3])\.(\d+)\.(conv1|conv2)\.(weight|bias)",
+     lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
     (r"blocks([1-3])\.(\d+)\.attn\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.dwconv.{m[3]}"),
     (r"blocks([1-3])\.(\d+)\.mlp\.fc1\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.mlp.0.{m[3]}"),
     (r"blocks([1-3])\.(\d+)\.mlp\.fc2\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.mlp.3.{m[3]}"),
@@ -83,9 +85,10 @@ class KeyReport:
         return dict(self.__dict__)
 
     def summary(self) -> str:
+        new = [k for k in self.missing if not k.endswith("pos_embed")]  # a fixed embedding is rebuilt, not trained
         lines = [f"pre-trained weights: {self.source} ({self.family})",
                  f"  loaded {len(self.loaded)} encoder tensors",
-                 f"  new (trained from scratch) {len(self.missing)}: {_groups(self.missing)}",
+                 f"  new (trained from scratch) {len(new)}: {_groups(new)}",
                  f"  ignored (pre-training only) {len(self.ignored)}: {_groups(self.ignored)}"]
         if self.dropped:
             lines.append(f"  dropped (no counterpart) {len(self.dropped)}: {_groups(self.dropped)}")
@@ -183,12 +186,14 @@ def authors_encoder_config(state: dict, args) -> dict:
     embeds = [state[f"patch_embed{i}.proj.weight"] for i in range(1, 5)]
     dims = [int(w.shape[0]) for w in embeds]
     depths = [len({k.split(".")[1] for k in state if k.startswith(f"blocks{s}.")}) for s in range(1, 5)]
-    ratios = {round(state[f"blocks{s}.0.mlp.fc1.weight"].shape[0] / dims[s - 1], 4) for s in range(1, 5) if depths[s - 1]}
+    ratios = {round(state[f"blocks{s}.0.mlp.fc1.weight"].shape[0] / dims[s - 1], 4)
+              for s in range(1, 5) if depths[s - 1]}
     if len(ratios) != 1:
         raise UserError(f"MiM-authors checkpoint: MLP ratios differ between stages ({sorted(ratios)}); ours share one")
     return {"in_channels": int(embeds[0].shape[1]), "dims": dims, "depths": depths,
-            "strides": [int(w.shape[2]) for w in embeds], "num_heads": int(getattr(args, "num_heads", AUTHORS_DEFAULT_HEADS)),
-            "mlp_ratio": float(ratios.pop()), "conv_kernel": int(state["blocks1.0.attn.weight"].shape[-1]), "dropout": 0.0}
+            "strides": [int(w.shape[2]) for w in embeds],
+            "num_heads": int(getattr(args, "num_heads", AUTHORS_DEFAULT_HEADS)), "mlp_ratio": float(ratios.pop()),
+            "conv_kernel": int(state["blocks1.0.attn.weight"].shape[-1]), "dropout": 0.0}
 
 
 def _swin_name(key: str) -> str:
@@ -220,8 +225,8 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> KeyReport:
     wrong = [k for k in state if k in target and state[k].shape != target[k].shape]
     if wrong:
         k = wrong[0]
-        raise UserError(f"{weights.path}: '{k}' is {list(state[k].shape)} in the checkpoint but {list(target[k].shape)} "
-                        f"in the model ({len(wrong)} such); the encoder settings differ from the checkpoint's")
+        raise UserError(f"{weights.path}: '{k}' is {list(state[k].shape)} in the checkpoint but "
+                        f"{list(target[k].shape)} in the model ({len(wrong)} such); the encoder settings differ from the checkpoint's")
     result = model.load_state_dict(state, strict=False)
     expected_missing = {k for k in target if not k.startswith(prefix)}
     if prefix + "pos_embed" in target and prefix + "pos_embed" not in state:
@@ -270,5 +275,5 @@ def interpolate_pos_embed(pos: torch.Tensor, n_tokens: int) -> torch.Tensor:
 def repeat_first_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
     """[O, 1, k, k, k] -> [O, channels, k, k, k], scaled by 1/channels (same response to a repeated input)."""
     if weight.shape[1] != 1:
-        raise UserError(f"first conv has {weight.shape[1]} input channels; can only expand a 1-channel conv to {channels}")
+        raise UserError(f"first conv has {weight.shape[1]} input channels; only a 1-channel conv expands to {channels}")
     return weight.repeat(1, channels, 1, 1, 1) / channels

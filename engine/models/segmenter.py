@@ -37,7 +37,9 @@ class HybridSegmenter(nn.Module):
         dims, strides, fs = encoder_cfg.dims, encoder_cfg.strides, feature_size
         widths = (fs, fs, 2 * fs, 4 * fs, 8 * fs)  # full, 1/2, 1/4, 1/8, 1/16 resolution
         sources = (encoder_cfg.in_channels, *dims)
-        self.skips = nn.ModuleList(UnetrBasicBlock(3, sources[i], widths[i], 3, 1, NORM, res_block=True) for i in range(5))
+        self.skips = nn.ModuleList(
+            UnetrBasicBlock(3, sources[i], widths[i], 3, 1, NORM, res_block=True) for i in range(5)
+        )
         self.ups = nn.ModuleList(
             UnetrUpBlock(3, widths[i + 1], widths[i], 3, strides[i], NORM, res_block=True) for i in reversed(range(4))
         )

@@ -1,0 +1,136 @@
+"""Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
+finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, and
+classification on synthetic volumes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from conftest import crop_ct, require_shared_data, run_engine
+from engine.checkpoint import load_checkpoint
+from engine.cli import main
+from engine.errors import UserError
+from engine.finetune import run_finetune
+
+NO_AUGMENT = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0}
+
+
+@pytest.fixture(scope="module")
+def chest(tmp_path_factory):
+    """Three crops of a real chest CT with heart (1) and aorta (2) labels, and their dataset.json (3 folds)."""
+    data = require_shared_data()
+    folder = tmp_path_factory.mktemp("chest")
+    for name, size in (("a", (60, 60, 50)), ("b", (56, 64, 46)), ("c", (64, 56, 54))):
+        crop_ct(data / "ts_chest_ct.nii.gz", folder / f"{name}_ct.nii.gz", size)
+        crop_ct(data / "ts_chest_label.nii.gz", folder / f"{name}_label.nii.gz", size)
+    dataset = folder / "dataset.json"
+    run_engine("data", "index", str(folder), "-o", str(dataset), "--labels", "heart=1", "aorta=2", "--folds", "3")
+    return dataset
+
+
+def _events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "segmentation", "--data", str(chest), "--preset", "tiny", "--steps", "3",
+                 "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"), "--fold", "0", "--train-cases", "1",
+                 "--set", "val.every=2", "--out", str(run), "--progress", "json"]) == 0
+    events = _events(capsys.readouterr().out)
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3] and all(e["stage"] == "finetune" for e in steps)
+    assert all(np.isfinite(e["losses"]["loss"]) for e in steps)
+    validated = [e for e in steps if "metrics" in e]
+    assert [e["step"] for e in validated] == [2, 3]  # every 2 steps, and after the last
+    assert set(validated[-1]["metrics"]) == {"val_mean_dice", "dice/heart", "dice/aorta"}
+    assert events[-1]["event"] == "done" and events[-1]["path"] == str(run / "model.pt")
+
+    cases = json.loads((run / "cases.json").read_text())
+    assert (cases["fold"], cases["train_cases"], len(cases["training"]), len(cases["validation"])) == (0, 1, 1, 1)
+    report = json.loads((run / "weights.json").read_text())
+    assert report["family"] == "mimslicer" and report["unexpected"] == []
+    assert all(not k.startswith("encoder.") or k == "encoder.pos_embed" for k in report["missing"])
+    assert yaml.safe_load((run / "config.yaml").read_text())["encoder"]["dims"] == [12, 24, 48, 96]
+    model = load_checkpoint(run / "model.pt")
+    assert model["kind"] == "segmentation" and model["labels"] == {"background": 0, "heart": 1, "aorta": 2}
+    assert (model["spacing"], model["hu_window"], model["roi"]) == ([3.0, 3.0, 3.0], [-1000, 1000], 32)
+
+    held_out = cases["validation"][0]  # not trained on
+    pred = tmp_path / "pred" / "held_out.seg.nrrd"
+    assert main(["infer", "--checkpoint", str(run / "model.pt"), "--input", held_out["image"],
+                 "--output", str(pred), "--progress", "none"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--pred", str(pred), "--ref", held_out["label"], "--labels", str(chest),
+                 "--out", str(tmp_path / "metrics.json")]) == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["labels"]) == {"heart", "aorta"}
+    scores = next(iter(metrics["cases"].values()))
+    assert all(0.0 <= scores[name]["dice"] <= 1.0 for name in ("heart", "aorta"))
+    ref = sitk.ReadImage(held_out["label"])
+    out = sitk.ReadImage(str(pred))
+    assert out.GetSize() == ref.GetSize() and np.allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-9)
+
+
+def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, tmp_path):
+    run = tmp_path / "run"
+    run_finetune(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"), preset="tiny", steps=4,
+                 fold=0, train_cases=1, progress="none", overrides={**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3})
+    losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 4
+    assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
+
+
+def test_resume_continues_and_freeze_keeps_the_encoder(chest, tiny_pretrain_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrained = load_checkpoint(tiny_pretrain_run / "checkpoint.pt")["model"]
+    args = ["finetune", "--data", str(chest), "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"),
+            "--out", str(run), "--fold", "1", "--progress", "none", "--freeze-encoder"]
+    assert main(args + ["--steps", "1"]) == 0
+    assert main(args + ["--steps", "1"]) == 2  # the run folder is taken
+    assert "already holds a run" in capsys.readouterr().err
+    resume = ["finetune", "--data", str(chest), "--out", str(run), "--resume", "--steps", "2", "--progress", "none"]
+    assert main(resume) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+    final = load_checkpoint(run / "checkpoint.pt")
+    assert final["step"] == 2 and final["config"]["freeze_encoder"] is True
+    qkv = "encoder.blocks.0.attn.qkv.weight"
+    assert torch.equal(final["model"][qkv], pretrained[qkv])  # frozen
+    assert load_checkpoint(run / "model.pt")["step"] == final["best"]["step"]  # model.pt: the best validation
+
+
+def test_bad_requests_fail_clearly(chest, tmp_path):
+    with pytest.raises(UserError, match="--train-cases 5"):
+        run_finetune(str(chest), str(tmp_path / "r"), train_cases=5, fold=0, progress="none")
+    with pytest.raises(UserError, match="Did you mean 'segmentation'"):
+        run_finetune(str(chest), str(tmp_path / "r"), task="segmentaton", progress="none")
+    with pytest.raises(UserError, match="unknown setting 'model.rio'"):
+        run_finetune(str(chest), str(tmp_path / "r"), overrides={"model.rio": 64}, progress="none")
+    assert main(["finetune", "--data", str(chest), "--out", str(tmp_path / "r"), "--resume"]) == 2
+
+
+def test_classification_on_synthetic_volumes(tmp_path, capsys):
+    rows = ["image,label,fold"]
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        hu = np.full((24, 24, 24), -1000, np.int16)
+        hu[3:-3, 3:-3, 3:-3] = rng.normal(0, 20, (18, 18, 18)).astype(np.int16)
+        if i % 2:
+            hu[8:16, 8:16, 8:16] = 900  # "dense": a bright cube
+        sitk.WriteImage(sitk.GetImageFromArray(hu), str(tmp_path / f"v{i}.nii.gz"))
+        rows.append(f"v{i}.nii.gz,{'dense' if i % 2 else 'clear'},{i // 2}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["finetune", "--task", "classification", "--data", str(tmp_path / "labels.csv"), "--fold", "1",
+                 "--steps", "2", "--out", str(run), "--progress", "json"]) == 0
+    steps = [e for e in _events(capsys.readouterr().out) if e["event"] == "step"]
+    assert set(steps[-1]["metrics"]) == {"val_auc", "val_accuracy", "val_cases"}
+    assert steps[-1]["metrics"]["val_cases"] == 2
+    model = load_checkpoint(run / "model.pt")
+    assert model["kind"] == "classification" and model["classes"] == ["clear", "dense"]

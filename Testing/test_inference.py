@@ -1,0 +1,207 @@
+"""Inference: sliding-window machinery against an analytic predictor, exact geometry restoration on anisotropic,
+oblique and left-handed inputs, DICOM series input, and label names surviving to the written labelmap."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn as nn
+
+from engine.checkpoint import save_checkpoint
+from engine.cli import main
+from engine.finetune_config import build_finetune_config
+from engine.inference import (InferenceSettings, ModelSpec, SegmentationPredictor, read_input,
+                              sliding_window_probabilities)
+from engine.models.segmenter import build_segmenter
+
+WINDOW = (-1000.0, 1000.0)
+THRESHOLD_HU = 150.0
+
+
+class Threshold(nn.Module):
+    """Analytic 'network': per-voxel logits (-a, +a) with a = 40 * (x - t); softmax is a sigmoid step at t."""
+
+    def __init__(self, level: float):
+        super().__init__()
+        self.level = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = 40.0 * (x - self.level)
+        return torch.cat([-a, a], dim=1)
+
+
+def _level() -> float:
+    return (THRESHOLD_HU - WINDOW[0]) / (WINDOW[1] - WINDOW[0])
+
+
+def test_sliding_window_reproduces_a_pointwise_predictor_exactly():
+    torch.manual_seed(0)
+    x = torch.rand(1, 1, 37, 20, 9)  # not a multiple of the window, and smaller than it along z
+    expected = torch.sigmoid(torch.cat([-80.0 * (x - 0.5), 80.0 * (x - 0.5)], 1))[0]
+    model = Threshold(0.5)
+    for tta in (False, True):
+        probs = sliding_window_probabilities(model, x, roi=16, overlap=0.5, sw_batch_size=3, tta=tta)
+        assert probs.shape == (2, 37, 20, 9)
+        assert torch.allclose(probs, expected, atol=1e-5)
+
+
+def _phantom(size, spacing, direction, origin=(-40.0, 25.0, 300.0)) -> tuple[sitk.Image, np.ndarray]:
+    """Air, a body block of water, and an asymmetric dense blob (an ellipsoid with a bar along +i)."""
+    i, j, k = np.meshgrid(*(np.arange(n) for n in size), indexing="ij")
+    n = np.array(size)
+    c = n * np.array([0.35, 0.38, 0.35])  # off-centre along every axis
+    r = n * np.array([0.14, 0.15, 0.2])
+    blob = ((i - c[0]) / r[0]) ** 2 + ((j - c[1]) / r[1]) ** 2 + ((k - c[2]) / r[2]) ** 2 < 1
+    blob |= (i > c[0]) & (i < n[0] * 0.85) & (abs(j - c[1]) < n[1] * 0.06) & (abs(k - c[2]) < max(1.5, n[2] * 0.08))
+    hu = np.full(size, -1000, np.int16)
+    hu[2:-2, 2:-2, 1:-1] = 0
+    hu[blob] = 400
+    image = sitk.GetImageFromArray(hu.transpose(2, 1, 0))
+    image.SetSpacing(spacing), image.SetDirection(direction), image.SetOrigin(origin)
+    return image, blob.transpose(2, 1, 0)  # [z, y, x] like SimpleITK arrays
+
+
+def _rotation(axis, degrees) -> np.ndarray:
+    axis = np.asarray(axis, float) / np.linalg.norm(axis)
+    a = np.radians(degrees)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(a) * k + (1 - np.cos(a)) * k @ k
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+GEOMETRIES = {
+    "anisotropic": ((48, 40, 16), (0.9, 1.3, 3.5), np.eye(3)),
+    "oblique": ((40, 40, 24), (1.2, 1.0, 2.0), _rotation((1, 1, 0.3), 25)),
+    "left-handed": ((40, 36, 20), (1.1, 1.4, 2.5), np.diag([1.0, -1.0, 1.0]) @ _rotation((0, 0, 1), 90)),
+    "oblique-left-handed": ((36, 44, 18), (1.3, 0.8, 3.0), _rotation((0.2, 1, 1), 40) @ np.diag([-1.0, 1.0, 1.0])),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_output_lies_exactly_on_the_input_grid(name):
+    size, spacing, direction = GEOMETRIES[name]
+    image, blob = _phantom(size, spacing, tuple(direction.ravel()))
+    spec = ModelSpec({"background": 0, "blob": 7}, (1.5, 1.5, 1.5), WINDOW, roi=16)
+    result = SegmentationPredictor(Threshold(_level()), spec, InferenceSettings(overlap=0.25)).predict(image)
+    out = result.labelmap
+    assert out.GetSize() == image.GetSize()
+    assert out.GetOrigin() == image.GetOrigin()
+    assert out.GetSpacing() == image.GetSpacing()
+    assert out.GetDirection() == image.GetDirection()
+    found = sitk.GetArrayFromImage(out)
+    assert set(np.unique(found)) <= {0, 7}
+    assert _dice(found == 7, blob) > 0.85
+    for axis in range(3):  # a flipped or transposed answer would not match
+        assert _dice(found == 7, np.flip(blob, axis)) < 0.6
+
+
+def _dicom_series(image: sitk.Image, folder, series_uid: str, prefix: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    d = image.GetDirection()
+    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
+    for k in range(image.GetDepth()):
+        sl = image[:, :, k]
+        tags = {"0008|0060": "CT", "0010|0010": "Phantom^Test", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1",
+                "0020|000e": series_uid, "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
+                "0020|0037": orientation, "0018|0050": f"{image.GetSpacing()[2]:.6f}",
+                "0028|1053": "1", "0028|1052": "0"}
+        for tag, value in tags.items():
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def test_dicom_folder_uses_the_largest_series_and_restores_its_grid(tmp_path):
+    big, blob = _phantom((40, 36, 14), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1), origin=(-20.0, 10.0, -60.0))
+    small, _ = _phantom((40, 36, 6), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    _dicom_series(big, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.2", "a")
+    _dicom_series(small, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.3", "b")
+    image, note = read_input(tmp_path / "dicom")
+    assert image.GetSize() == big.GetSize()
+    assert "largest of 2 series" in note and "14 slices" in note
+    assert np.allclose(image.GetOrigin(), big.GetOrigin(), atol=1e-4)
+    assert np.allclose(image.GetSpacing(), big.GetSpacing(), atol=1e-4)
+    spec = ModelSpec({"background": 0, "blob": 1}, (1.5, 1.5, 1.5), WINDOW, roi=16)
+    out = SegmentationPredictor(Threshold(_level()), spec).predict(image).labelmap
+    assert (out.GetSize(), out.GetOrigin(), out.GetSpacing(), out.GetDirection()) == \
+        (image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
+    assert _dice(sitk.GetArrayFromImage(out) == 1, blob) > 0.85
+
+
+@pytest.fixture(scope="module")
+def constant_model(tmp_path_factory):
+    """A tiny model.pt whose network answers the last channel everywhere (label value 5, 'spleen')."""
+    cfg = build_finetune_config("tiny", overrides={"model.feature_size": 4})
+    labels = {"background": 0, "liver": 1, "spleen": 5}
+    model = build_segmenter("hybrid", cfg.encoder, cfg.model.roi, len(labels), cfg.model.feature_size)
+    with torch.no_grad():
+        model.out.conv.conv.weight.zero_()
+        model.out.conv.conv.bias.copy_(torch.tensor([0.0, 0.0, 10.0]))
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_checkpoint(path, kind="segmentation", config=cfg.to_dict(), model=model, step=1,
+                    extra={"labels": labels, "spacing": [4.0, 4.0, 4.0], "hu_window": list(WINDOW), "roi": 32})
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".seg.nrrd"])
+def test_label_names_and_values_survive_to_the_output(constant_model, tmp_path, suffix, capsys):
+    phantom, _ = _phantom((30, 28, 12), (1.2, 1.2, 3.0), tuple(_rotation((0, 0, 1), 15).ravel()))
+    source = tmp_path / ("case_ct.nrrd" if suffix.endswith("nrrd") else "case_ct.nii.gz")
+    sitk.WriteImage(phantom, str(source))
+    image = sitk.ReadImage(str(source))  # the geometry as the file stores it (NIfTI: float32 quaternion)
+    out = tmp_path / "pred" / f"case{suffix}"
+    assert main(["infer", "--checkpoint", str(constant_model), "--input", str(source),
+                 "--output", str(out), "--progress", "json", "--probabilities"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[-1]["event"] == "done" and events[-1]["path"] == str(out)
+    sidecar = json.loads((tmp_path / "pred" / "case.json").read_text())
+    assert sidecar["labels"] == {"liver": 1, "spleen": 5}
+    assert set(sidecar["probabilities"]) == {"liver", "spleen"}
+    written = sitk.ReadImage(str(out))
+    values = sitk.GetArrayFromImage(written)
+    assert set(np.unique(values)) == {0, 5}  # body -> the last channel -> its value; air outside the body -> 0
+    assert written.GetSize() == image.GetSize()
+    for what in ("GetOrigin", "GetSpacing", "GetDirection"):  # exact in memory; files round-trip to the last ulp
+        assert np.allclose(getattr(written, what)(), getattr(image, what)(), rtol=0, atol=1e-9), what
+    if suffix == ".seg.nrrd":
+        segments = {written.GetMetaData(f"Segment{n}_Name"): written.GetMetaData(f"Segment{n}_LabelValue")
+                    for n in range(2)}
+        assert segments == {"liver": "1", "spleen": "5"}
+        assert written.GetMetaData("Segment0_Extent") == "0 -1 0 -1 0 -1"  # liver: empty
+
+
+def test_infer_on_a_dicom_folder_and_clear_errors(constant_model, tmp_path):
+    image, _ = _phantom((24, 24, 8), (1.0, 1.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    _dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1.9", "s")
+    out = tmp_path / "series_seg.nii.gz"
+    assert main(["infer", "--checkpoint", str(constant_model), "--input", str(tmp_path / "series"),
+                 "--output", str(out), "--progress", "none"]) == 0
+    assert sitk.ReadImage(str(out)).GetSize() == image.GetSize()
+    assert main(["infer", "--checkpoint", str(constant_model), "--input", str(tmp_path / "nothing"),
+                 "--output", str(out)]) == 2
+    assert main(["infer", "--checkpoint", str(tmp_path / "series_seg.json"), "--input", str(tmp_path / "series"),
+                 "--output", str(out)]) == 2
+
+
+def test_model_grid_is_ras_aligned_and_keeps_physical_positions():
+    """Training and inference both see volumes through to_model_grid: axes towards R, A, S, same anatomy."""
+    from engine.geometry import to_model_grid
+    size, spacing, direction = GEOMETRIES["left-handed"]
+    image, _ = _phantom(size, spacing, tuple(direction.ravel()))
+    marker = (30, 9, 14)
+    image[marker] = 3000
+    grid = to_model_grid(image, (1.5, 1.5, 1.5))
+    assert np.allclose(np.array(grid.GetDirection()).reshape(3, 3), np.diag([-1.0, -1.0, 1.0]), atol=1e-9)  # LPS
+    hottest = np.unravel_index(np.argmax(sitk.GetArrayFromImage(grid)), grid.GetSize()[::-1])[::-1]
+    moved = np.subtract(grid.TransformIndexToPhysicalPoint(tuple(int(i) for i in hottest)),
+                        image.TransformIndexToPhysicalPoint(marker))
+    assert np.linalg.norm(moved) < 1.5 * np.sqrt(3)
