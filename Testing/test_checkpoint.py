@@ -39,6 +39,7 @@ class _Payload:
         return (open, (self.target, "w"))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     target = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"

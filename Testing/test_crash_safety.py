@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from conftest import REPO, run_engine
+from engine_testing import REPO, run_engine
 
 
 def _start(ct_dir, out, steps):

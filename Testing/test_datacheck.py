@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from conftest import CT_2MM, crop_ct, require_shared_data, run_engine
+from engine_testing import CT_2MM, crop_ct, require_shared_data, run_engine
 from engine.datacheck import check_dataset
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_engine
+from engine_testing import REPO, run_engine
 from engine.distributed import ShardSampler
 from engine.errors import UserError
 

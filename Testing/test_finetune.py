@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
-from conftest import crop_ct, require_shared_data, run_engine
+from engine_testing import crop_ct, require_shared_data, run_engine
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
 from engine.errors import UserError

@@ -8,7 +8,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import run_engine
+from engine_testing import run_engine
 
 
 def test_pretrain_writes_run_folder_and_json_progress(tiny_pretrain_run):

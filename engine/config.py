@@ -183,7 +183,7 @@ class PretrainConfig:
         return self.mask.roi * (2 if self.method == "mim" and self.mask.levels > 1 else 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 def replace_encoder(cfg: EncoderConfig, **changes) -> EncoderConfig:
@@ -218,17 +218,17 @@ def build_config(preset: str, method: str = "mim", overrides: dict[str, Any] | N
     """Preset YAML, then the method's own section of it, then explicit overrides (dotted keys allowed)."""
     tree = load_preset(preset)
     method_sections = tree.pop("methods", {}) or {}
-    tree = _merge(tree, method_sections.get(method, {}))
-    tree = _merge(tree, _undot(overrides or {}))
+    tree = merge_trees(tree, method_sections.get(method, {}))
+    tree = merge_trees(tree, undot(overrides or {}))
     tree["method"], tree["preset"] = method, preset
     return config_from_dict(tree).validate()
 
 
 def config_from_dict(tree: dict[str, Any]) -> PretrainConfig:
-    return _build(PretrainConfig, tree, "")
+    return build_dataclass(PretrainConfig, tree, "")
 
 
-def _build(cls, tree: dict[str, Any], where: str):
+def build_dataclass(cls, tree: dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in tree if k not in fields]
     if unknown:
@@ -239,7 +239,7 @@ def _build(cls, tree: dict[str, Any], where: str):
     for name, value in tree.items():
         default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value or {}, f"{where}{name}.")
+            kwargs[name] = build_dataclass(type(default), value or {}, f"{where}{name}.")
         elif isinstance(value, list):
             kwargs[name] = tuple(value)
         else:
@@ -247,14 +247,14 @@ def _build(cls, tree: dict[str, Any], where: str):
     return cls(**kwargs)
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def _undot(flat: dict[str, Any]) -> dict[str, Any]:
+def undot(flat: dict[str, Any]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for key, value in flat.items():
         node = tree
@@ -265,9 +265,9 @@ def _undot(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def _plain(value):
+def to_plain(value):
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value

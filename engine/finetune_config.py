@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from engine.config import (PRESET_DIR, DataConfig, EncoderConfig, TrainConfig, _build, _merge, _plain, _undot,
-                           available_presets, check_choice, load_preset)
+from engine.config import (PRESET_DIR, DataConfig, EncoderConfig, TrainConfig, available_presets, build_dataclass,
+                           check_choice, load_preset, merge_trees, to_plain, undot)
 from engine.errors import UserError
 
 FINETUNE_PRESET_DIR = PRESET_DIR / "finetune"
@@ -103,7 +103,7 @@ class FinetuneConfig:
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
 
 def load_finetune_preset(name: str) -> dict[str, Any]:
@@ -121,10 +121,10 @@ def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict
         check_choice("preset", preset, tuple(available_presets()))
     tree = load_finetune_preset(preset)
     tree["encoder"] = dict(encoder) if encoder is not None else load_preset(preset).get("encoder", {})
-    tree = _merge(tree, _undot(overrides or {}))
+    tree = merge_trees(tree, undot(overrides or {}))
     tree["task"], tree["preset"] = task, preset
     return finetune_config_from_dict(tree).validate()
 
 
 def finetune_config_from_dict(tree: dict[str, Any]) -> FinetuneConfig:
-    return _build(FinetuneConfig, tree, "")
+    return build_dataclass(FinetuneConfig, tree, "")

@@ -124,23 +124,3 @@ def pretrainedCheckpoint(tmp_path_factory, smallCt, chestCases):
     assert done.returncode == 0, done.stderr[-2000:]
     print(f"pretrain fixture: {time.monotonic() - started:.1f} s")
     return out / "checkpoint.pt"
-
-
-_pluginManager = None
-
-
-def pytest_plugin_registered(plugin, manager):
-    global _pluginManager
-    _pluginManager = manager
-
-
-def pytest_collectreport(report):
-    """Test modules elsewhere in Testing/ do `from conftest import ...`, meaning Testing/conftest.py. pytest imports
-    every conftest.py under the module name 'conftest', so loading this one took that name: give it back once this
-    folder is collected (pytest keeps using each conftest through its own plugin registry)."""
-    if getattr(sys.modules.get("conftest"), "__file__", None) != __file__ or _pluginManager is None:
-        return
-    parent = str(HERE.parent / "conftest.py")
-    for plugin in _pluginManager.get_plugins():
-        if getattr(plugin, "__file__", None) == parent:
-            sys.modules["conftest"] = plugin
