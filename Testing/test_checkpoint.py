@@ -60,3 +60,12 @@ def test_truncated_and_foreign_files_get_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, foreign)
     with pytest.raises(UserError, match="not a MiMSlicer checkpoint"):
         load_checkpoint(foreign)
+
+
+def test_info_describes_a_checkpoint_as_json(tiny_pretrain_run):
+    import json
+
+    from engine_testing import run_engine
+    info = json.loads(run_engine("info", "--checkpoint", str(tiny_pretrain_run / "checkpoint.pt")).stdout)
+    assert info["kind"] == "pretrain" and info["method"] == "mim" and info["preset"] == "tiny" and info["step"] == 2
+    assert info["parameters"] > 1000 and info["spacing"] == [3.0, 3.0, 3.0]

@@ -65,3 +65,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path}: not a MiMSlicer checkpoint (no '{FORMAT}' format tag)")
     return ckpt
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict:
+    """What a checkpoint is, in plain JSON (for programs that do not import torch, like the Slicer module)."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get("config") or {}
+    data = cfg.get("data") or {}
+    info = {"path": str(Path(path).resolve()), "format": ckpt["format"], "kind": ckpt.get("kind"),
+            "step": ckpt.get("step"), "preset": cfg.get("preset"), "method": cfg.get("method"),
+            "task": cfg.get("task"), "spacing": data.get("spacing"), "hu_window": data.get("hu_window"),
+            "parameters": int(sum(t.numel() for t in ckpt["model"].values() if hasattr(t, "numel")))}
+    heavy = {"format", "kind", "config", "model", "optimizer", "scheduler", "torch_rng", "step"}
+    for key, value in ckpt.items():  # what fine-tuning adds for inference: labels, spacing, roi, metrics...
+        if key not in heavy and not hasattr(value, "numel"):
+            info[key] = value
+    return {k: v for k, v in info.items() if v is not None}

@@ -21,12 +21,18 @@ FILES = {
     "abdomen_ct.nii.gz": "tests/reference_files/example_ct.nii.gz",
     "abdomen_label.nii.gz": "tests/reference_files/example_seg.nii.gz",
     "chest_ct.nii.gz": "tests/reference_files/aorta_report/example_ct.nii.gz",
+    "dicom_label.nii.gz": "tests/reference_files/example_seg_dicom.nii.gz",
     "LICENSE.TotalSegmentator": "LICENSE",
 }
+DICOM_MEMBERS = "tests/reference_files/example_ct_dicom/"  # a 20-slice DICOM series of another patient
+DICOM_DIR = "dicom_ct"
+# the organs of the demo's fine-tuning: large structures present in both labelled cases (TotalSegmentator values)
+ORGANS = {"liver": 5, "spleen": 1, "stomach": 6, "aorta": 52}
+PSEUDO = "TotalSegmentator model output (pseudo-label), 117-class 'total' map"
 CASES = [
-    {"case": "abdomen", "image": "abdomen_ct.nii.gz", "label": "abdomen_label.nii.gz",
-     "label_kind": "TotalSegmentator model output (pseudo-label), 117-class 'total' map"},
+    {"case": "abdomen", "image": "abdomen_ct.nii.gz", "label": "abdomen_label.nii.gz", "label_kind": PSEUDO},
     {"case": "chest", "image": "chest_ct.nii.gz", "label": None, "label_kind": "none"},
+    {"case": "dicom", "image": DICOM_DIR, "label": "dicom_label.nii.gz", "label_kind": PSEUDO},
 ]
 CLASS_MAP_MEMBER = "totalsegmentator/map_to_binary.py"
 
@@ -35,7 +41,7 @@ def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[
     """Write the sample CTs, labels, dataset.json and provenance.json to `out`; returns the cases."""
     out = Path(out)
     provenance = out / "provenance.json"
-    if provenance.exists() and all((out / name).exists() for name in FILES):
+    if provenance.exists() and all((out / name).exists() for name in [*FILES, DICOM_DIR, *_organ_files()]):
         return json.loads(provenance.read_text())["cases"]
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -44,9 +50,11 @@ def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[
     cases = [dict(c, image=str(out / c["image"]), label=str(out / c["label"]) if c["label"] else None) for c in CASES]
     record = {"source": f"PyPI {PACKAGE} source distribution, {ROOT}tests/reference_files/",
               "licence": "Apache-2.0 (TotalSegmentator package; see LICENSE.TotalSegmentator)",
-              "files": {name: {"member": FILES[name], "sha256": digest} for name, digest in checksums.items()},
+              "files": {name: {"member": FILES.get(name, DICOM_MEMBERS + Path(name).name), "sha256": digest}
+                        for name, digest in checksums.items()},
               "labels": labels, "cases": cases}
     _write_dataset_json(out, labels)
+    _write_organ_subset(out)
     provenance.write_text(json.dumps(record, indent=1))
     return cases
 
@@ -70,6 +78,11 @@ def _extract(archive: Path, out: Path) -> tuple[dict, dict]:
         with tarfile.open(archive, "r:gz") as tar:
             for name, member in FILES.items():
                 checksums[name] = _copy_member(tar, ROOT + member, out / name)
+            dicom = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(ROOT + DICOM_MEMBERS)]
+            (out / DICOM_DIR).mkdir(exist_ok=True)
+            for member in dicom:
+                name = Path(member.name).name  # never trust the archive's paths
+                checksums[f"{DICOM_DIR}/{name}"] = _copy_member(tar, member.name, out / DICOM_DIR / name)
             labels = _class_map(tar.extractfile(ROOT + CLASS_MAP_MEMBER).read().decode())
     except (tarfile.TarError, KeyError, OSError) as err:
         raise UserError(f"{archive}: not the expected TotalSegmentator 2.18.0 source archive ({err})") from None
@@ -100,6 +113,31 @@ def _class_map(source: str) -> dict[str, int]:
 
 
 def _write_dataset_json(out: Path, labels: dict[str, int]) -> None:
+    """dataset.json: the volumes for pre-training (labels are never read there)."""
     dataset = {"name": "TotalSegmentator 2.18.0 sample CTs", "labels": labels, "channel_names": {"0": "CT"},
-               "training": [{"image": c["image"], **({"label": c["label"]} if c["label"] else {})} for c in CASES]}
+               "training": [{"image": c["image"]} for c in CASES if not c["image"].endswith("/") and c["case"] != "dicom"]}
     (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
+
+
+def _organ_files() -> list[str]:
+    return ["organs.json", "abdomen_organs.nii.gz", "dicom_organs.nii.gz"]
+
+
+def _write_organ_subset(out: Path) -> None:
+    """organs.json: fine-tune on the abdomen case's liver, spleen, stomach and aorta; test on the DICOM case."""
+    import numpy as np
+    import SimpleITK as sitk
+    lut = np.zeros(256, np.uint8)
+    for new, old in enumerate(ORGANS.values(), start=1):
+        lut[old] = new
+    for case in ("abdomen", "dicom"):
+        label = sitk.ReadImage(str(out / f"{case}_label.nii.gz"))
+        organs = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(label).astype(np.uint8)])
+        organs.CopyInformation(label)
+        sitk.WriteImage(organs, str(out / f"{case}_organs.nii.gz"), True)
+    dataset = {"name": "sample CT organs (TotalSegmentator pseudo-labels)",
+               "labels": {"background": 0, **{name: i for i, name in enumerate(ORGANS, start=1)}},
+               "channel_names": {"0": "CT"},
+               "training": [{"image": "abdomen_ct.nii.gz", "label": "abdomen_organs.nii.gz"}],
+               "test": [{"image": DICOM_DIR, "label": "dicom_organs.nii.gz"}]}
+    (out / "organs.json").write_text(json.dumps(dataset, indent=1))
