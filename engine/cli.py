@@ -22,12 +22,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         _report(err, progress_mode)
         return 2
+    except Exception as err:  # MONAI wraps errors of its transforms: find ours inside
+        cause = user_error_in(err)
+        if cause is None:
+            raise
+        _report(cause, progress_mode)
+        return 2
     except KeyboardInterrupt:
         _report("interrupted", progress_mode)
         return 130
     except MemoryError:
         _report("out of memory: use a smaller preset, roi or batch", progress_mode)
         return 3
+
+
+def user_error_in(err: BaseException) -> UserError | None:
+    """The UserError that caused `err`, however deep in its chain of causes (None if there is none)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _report(err, progress_mode: str) -> None:
@@ -46,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct(sub)
     _add_sample_data(sub)
     _add_demo(sub)
+    _add_info(sub)
     _add_data(sub)
     _add_finetune(sub)
     _add_infer(sub)
     _add_evaluate(sub)
+    _add_study(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -126,19 +146,34 @@ def _sample_data(args) -> None:
         print(f"{case['image']}")
 
 
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="print what a checkpoint is (kind, method or task, preset, labels) as JSON")
+    p.add_argument("--checkpoint", required=True)
+    p.set_defaults(func=_info)
+
+
+def _info(args) -> None:
+    import json
+
+    from engine.checkpoint import describe_checkpoint
+    print(json.dumps(describe_checkpoint(args.checkpoint), indent=1))
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the main job: sample CTs -> MiM pre-training -> reconstruction montage")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
-    p.add_argument("--data", help="use this folder of CTs instead of the sample CTs")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: the preset's)")
+    p.add_argument("--data", help="pre-train on this folder of CTs (or dataset JSON) instead of the sample CTs")
     _progress_arg(p)
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> None:
     from engine.demo import run_demo
-    run_demo(args.out, preset=args.preset, steps=args.steps, data=args.data, progress=args.progress)
+    run_demo(args.out, preset=args.preset, steps=args.steps, finetune_steps=args.finetune_steps, data=args.data,
+             progress=args.progress)
 
 
 def _add_data(sub) -> None:
@@ -259,3 +294,44 @@ def _add_evaluate(sub) -> None:
 def _evaluate(args) -> None:
     from engine.evaluate import format_table, run_evaluate
     print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="studies of many runs that answer one question (label efficiency)")
+    kinds = p.add_subparsers(dest="study", required=True)
+    q = kinds.add_parser("label-efficiency", help="pre-train MiM and MAE, fine-tune from each and from scratch on "
+                         "1, 2, 4 labelled cases x seeds, Dice on held-out cases; CSV, plot, table")
+    q.add_argument("--config", required=True, help="study YAML, or a preset of engine/configs/study (cpu, gpu, tiny)")
+    q.add_argument("--out", help="study folder (default: the config's `out`); rerun to continue an interrupted study")
+    q.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a study setting, e.g. --set finetune.steps=100 --set seeds=[0]")
+    _progress_arg(q)
+    q.set_defaults(func=_study)
+
+
+def _study(args) -> None:
+    from pathlib import Path
+
+    from engine.study import run_label_efficiency
+    summary = run_label_efficiency(args.config, out=args.out, device=args.device, progress=args.progress,
+                                   overrides=parse_sets(args.set))
+    if args.progress != "json":
+        print(Path(summary["table"]).read_text() + f"\nwrote {summary['csv']}, {summary['plot']}")
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="time whole-CT segmentation (vs SwinUNETR, UNet), pre-training and fine-tuning")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a few minutes: cropped CT, one step per measurement")
+    size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
+    p.add_argument("--preset", help="segmentation preset for inference and fine-tuning (default: small)")
+    p.add_argument("--amp", default="auto", help="auto | bf16 | off: autocast for every measurement")
+
+    def run(args) -> None:
+        from engine.bench import run_bench
+        from engine.bench_report import format_report
+        mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+        print(format_report(run_bench(mode, json_out=args.json, amp=args.amp, seg_preset=args.preset)))
+    p.set_defaults(func=run)

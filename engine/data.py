@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from monai import transforms as T
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 
 from engine.config import DataConfig
 from engine.errors import UserError
-from engine.imageio import SimpleITKReader, is_volume_file
+from engine.imageio import SimpleITKReader, is_volume_file, read_image
 
 log = logging.getLogger(__name__)
 # files in a folder that hold labels, not images (nnU-Net's labelsTr, *_label, *_seg, *_mask)
@@ -68,11 +68,24 @@ def _json_items(path: Path, section: str) -> list[dict]:
     return items
 
 
+class LoadVolumed(T.MapTransform):
+    """Load volumes with our SimpleITK reader into MetaTensors (RAS affine). Unlike MONAI's LoadImaged, it never
+    falls back to another reader, so a bad file gives our one clear error instead of a second reader's."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            array, meta = SimpleITKReader().get_data(read_image(d[key]))
+            meta["filename_or_obj"] = str(d[key])
+            d[key] = MetaTensor(array, meta=meta)  # the affine travels in meta["affine"]
+        return d
+
+
 def preprocess_transforms(cfg: DataConfig, keys=("image",)) -> list:
     """Deterministic part: load, RAS, resample, HU window -> [0, 1], crop to the body."""
     lo, hi = cfg.hu_window
     return [
-        T.LoadImaged(keys, reader=SimpleITKReader(), image_only=True),
+        LoadVolumed(keys),
         T.EnsureChannelFirstd(keys, channel_dim="no_channel"),
         T.Orientationd(keys, axcodes="RAS", labels=None),
         T.Spacingd(keys, pixdim=tuple(cfg.spacing), mode="bilinear"),

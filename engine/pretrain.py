@@ -42,6 +42,9 @@ def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, see
     ckpt = _resume_state(out_dir, method, preset) if resume else None
     cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
     start = int(ckpt["step"]) if ckpt else 0
+    if not resume and (out_dir / CHECKPOINT).exists():
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
+    batches = _batches(data, cfg, start, info)  # reads (and caches) the data first: a bad volume stops us here
     if info.is_main:
         _prepare_run_dir(out_dir, cfg, resume)
         trim_log(out_dir / "log.jsonl", start)
@@ -52,7 +55,6 @@ def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, see
     _restore(ckpt, model, optimizer)
     if info.enabled:
         model = DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
-    batches = _batches(data, cfg, start, info)
     masks = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 * info.rank + start)
     reporter = Progress(progress if info.is_main else "none", stage=f"pretrain-{cfg.method}", total=cfg.train.steps)
     log.info("pre-training %s (%s preset), %d passes per sample, on %s, %d process(es)", cfg.method, cfg.preset,
@@ -101,8 +103,6 @@ def _resolve_config(ckpt, method, preset, steps, seed, overrides) -> PretrainCon
 
 
 def _prepare_run_dir(out_dir: Path, cfg: PretrainConfig, resume: bool) -> None:
-    if not resume and (out_dir / CHECKPOINT).exists():
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
     for stale in out_dir.glob(f".{CHECKPOINT}.tmp*"):  # left by a process killed while saving
         stale.unlink()
     try:
