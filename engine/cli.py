@@ -17,11 +17,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     progress_mode = getattr(args, "progress", "bar")
     try:
-        args.func(args)
-        return 0
+        return args.func(args) or 0  # a command may return its own exit status
     except UserError as err:
         _report(err, progress_mode)
         return 2
+    except OSError as err:  # the file system said no: a path that is a file, no permission, a full disk...
+        where = f"{err.filename}: " if err.filename else ""
+        _report(f"{where}{err.strerror or err}", progress_mode)
+        return 2
+    except MemoryError:
+        _report("out of memory: use a smaller preset, roi or batch", progress_mode)
+        return 3
     except Exception as err:  # MONAI wraps errors of its transforms: find ours inside
         cause = user_error_in(err)
         if cause is None:
@@ -31,9 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _report("interrupted", progress_mode)
         return 130
-    except MemoryError:
-        _report("out of memory: use a smaller preset, roi or batch", progress_mode)
-        return 3
 
 
 def user_error_in(err: BaseException) -> UserError | None:
@@ -201,7 +204,7 @@ def _add_data(sub) -> None:
     k.set_defaults(func=_data_cache)
 
 
-def _data_check(args) -> None:
+def _data_check(args) -> int:
     from engine.datacheck import check_dataset, format_report
     report = check_dataset(args.path, workers=args.workers)
     print(format_report(report))
@@ -209,7 +212,8 @@ def _data_check(args) -> None:
         from engine.dataset import write_json_atomic
         write_json_atomic(report, args.json)
     if report["ok"] < report["cases"]:
-        raise SystemExit(1)
+        return 1
+    return 0
 
 
 def _data_cache(args) -> None:

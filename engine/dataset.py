@@ -251,23 +251,13 @@ def verify_cases(cases: list[dict], labels: dict[str, int]) -> None:
     """Every image readable, its label on the same grid, and only declared label values in it."""
     allowed = set(labels.values())
     for case in cases:
-        image = _header(case["image"])
+        image = read_image(case["image"])  # whole: a truncated file or NaN voxels must stop us before training
         label = read_image(case["label"])
         _same_grid(image, label, case)
         found = {int(v) for v in np.unique(sitk.GetArrayViewFromImage(label))}
         if not found <= allowed:
             raise UserError(f"{case['label']}: label values {sorted(found - allowed)} are not declared in 'labels' "
                             f"{labels}; add them to dataset.json")
-
-
-def _header(path: str) -> sitk.ImageFileReader:
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError:
-        read_image(path)  # raises the clear error
-    return reader
 
 
 def _same_grid(image, label, case: dict) -> None:
