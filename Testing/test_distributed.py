@@ -53,3 +53,24 @@ def test_two_cpu_processes_stay_in_sync_and_resume_on_one(ct_dir, tmp_path):
     steps = [json.loads(line)["step"] for line in resumed.stdout.splitlines() if '"step"' in line and '"event": "step"' in line]
     assert steps == [3]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+
+
+def test_finetune_under_torchrun_with_two_processes(tmp_path):
+    from engine_testing import CT_2MM, crop_ct, require_shared_data
+    require_shared_data()
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for name, size in (("a", (48, 48, 40)), ("b", (44, 52, 40)), ("c", (52, 44, 44))):
+        crop_ct(CT_2MM / "ts_chest_ct.nii.gz", folder / f"{name}_ct.nii.gz", size)
+        crop_ct(CT_2MM / "ts_chest_label.nii.gz", folder / f"{name}_label.nii.gz", size)
+    dataset = tmp_path / "dataset.json"
+    run_engine("data", "index", str(folder), "-o", str(dataset), "--labels", "heart=1", "aorta=2", "--folds", "3")
+    out = tmp_path / "ft"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "engine",
+           "finetune", "--data", str(dataset), "--fold", "0", "--preset", "tiny", "--steps", "2", "--out", str(out),
+           "--progress", "json", "--set", "model.feature_size=6"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    done = [json.loads(line) for line in result.stdout.splitlines() if '"done"' in line]
+    assert len(done) == 1 and done[0]["processes"] == 2 and done[0]["ranks_in_sync"] is True
+    assert (out / "model.pt").exists() and torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2

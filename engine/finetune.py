@@ -14,11 +14,14 @@ import torch
 import torch.nn as nn
 import yaml
 from monai.utils import set_determinism
+from torch.nn.parallel import DistributedDataParallel
+
+from engine import distributed
 
 from engine.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from engine.config import check_choice
 from engine.dataset import CaseSelection, load_classification_dataset, load_dataset, select_cases, write_json_atomic
-from engine.device import amp_dtype, pick_device
+from engine.device import amp_dtype
 from engine.errors import UserError
 from engine.finetune_classification import ClassificationTask
 from engine.finetune_config import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
@@ -47,7 +50,17 @@ def run_finetune(data: str, out: str, task: str = "segmentation", pretrained: st
                  freeze_encoder: bool = False, fold: int | None = None, train_cases: int | None = None,
                  seed: int = 0, resume: bool = False, progress: str = "bar", device: str = "auto",
                  overrides: dict | None = None) -> FinetuneResult:
-    out_dir = Path(out)
+    """Fine-tune alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
+    info, dev = distributed.setup(device)
+    try:
+        return _finetune(info, dev, data, Path(out), task, pretrained, preset, steps, epochs, freeze_encoder, fold,
+                         train_cases, seed, resume, progress, overrides)
+    finally:
+        distributed.teardown()
+
+
+def _finetune(info, dev, data, out_dir: Path, task, pretrained, preset, steps, epochs, freeze_encoder, fold,
+              train_cases, seed, resume, progress, overrides) -> FinetuneResult:
     ckpt = _resume_state(out_dir, task) if resume else None
     dataset = _load_data(task, data)
     cases = _cases(ckpt, dataset, fold, train_cases, seed)
@@ -55,46 +68,56 @@ def run_finetune(data: str, out: str, task: str = "segmentation", pretrained: st
     cfg = _resolve_config(ckpt, preset, task, weights, freeze_encoder, seed, overrides)
     cfg = _with_length(cfg, len(cases.training), steps, epochs)
     job = TASK_TYPES[task](cfg, dataset, cases)
+    job.shard = (info.rank, info.world_size)
     job.check_data()
-    _prepare_run_dir(out_dir, cfg, cases, resume)
-    set_determinism(seed=cfg.train.seed + (int(ckpt["step"]) if ckpt else 0))
-    model = _build_model(job, weights, out_dir)
-    return _train(job, model, ckpt, out_dir, pick_device(device), progress)
+    if info.is_main:
+        _prepare_run_dir(out_dir, cfg, cases, resume)
+    distributed.barrier()
+    set_determinism(seed=cfg.train.seed + 7919 * info.rank + (int(ckpt["step"]) if ckpt else 0))
+    model = _build_model(job, weights, out_dir if info.is_main else None)
+    return _train(job, model, ckpt, out_dir, dev, progress, info)
 
 
-def _build_model(job, weights: PretrainedWeights | None, out_dir: Path) -> nn.Module:
+def _build_model(job, weights: PretrainedWeights | None, out_dir: Path | None) -> nn.Module:
     model = job.build_model()
     if weights is not None:
         report = load_pretrained(model, weights)
         log.info("%s", report.summary())
-        write_json_atomic(report.to_dict(), out_dir / "weights.json")
+        if out_dir is not None:
+            write_json_atomic(report.to_dict(), out_dir / "weights.json")
     if job.cfg.freeze_encoder:
         freeze(model)
     return model
 
 
 def _train(job, model: nn.Module, ckpt: dict | None, out_dir: Path, device: torch.device,
-           progress: str) -> FinetuneResult:
+           progress: str, info: distributed.DistInfo) -> FinetuneResult:
     cfg, cases = job.cfg, job.cases
     model = model.to(device)
     optimizer = build_optimizer(model, cfg.train)
     best = _restore(ckpt, model, optimizer)
+    if info.enabled:
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     start, amp = int(ckpt["step"]) if ckpt else 0, amp_dtype(cfg.train.amp, device)
-    reporter = Progress(progress, stage="finetune", total=cfg.train.steps)
-    log.info("fine-tuning %s (%s preset) on %d case(s), validating on %d, on %s", job.kind, cfg.preset,
-             len(cases.training), len(cases.validation), device)
+    reporter = Progress(progress if info.is_main else "none", stage="finetune", total=cfg.train.steps)
+    log.info("fine-tuning %s (%s preset) on %d case(s), validating on %d, on %s, %d process(es)", job.kind,
+             cfg.preset, len(cases.training), len(cases.validation), device, info.world_size)
 
     def save(step: int) -> Path:
-        return save_checkpoint(out_dir / CHECKPOINT, kind=f"finetune-{job.kind}", config=cfg.to_dict(), model=model,
-                               step=step, optimizer=optimizer, extra={"best": best, "cases": cases.to_dict()})
+        if info.is_main:
+            save_checkpoint(out_dir / CHECKPOINT, kind=f"finetune-{job.kind}", config=cfg.to_dict(), model=model,
+                            step=step, optimizer=optimizer, extra={"best": best, "cases": cases.to_dict()})
+        return out_dir / CHECKPOINT
 
     result = train_loop(model, optimizer, cfg.train, job.batches(start), job.step_fn(model, device), device=device,
-                        amp=amp, start_step=start, progress=reporter, save=save, log_path=out_dir / "log.jsonl",
-                        validate=_validator(job, model, device, amp, best, out_dir))
-    if not (out_dir / MODEL).exists():  # no finite validation score yet: keep the latest weights usable
+                        amp=amp, start_step=start, progress=reporter, save=save,
+                        log_path=out_dir / "log.jsonl" if info.is_main else None,
+                        validate=_validator(job, model, device, amp, best, out_dir if info.is_main else None))
+    if info.is_main and not (out_dir / MODEL).exists():  # no finite validation score yet: keep the latest weights
         _save_model(out_dir, job, model, result.step, {})
     message = "stopped early, resume with --resume" if result.stopped_early else ""
-    reporter.done(result.step, out_dir / MODEL, message=message, best=best)
+    reporter.done(result.step, out_dir / MODEL, message=message, best=best, processes=info.world_size,
+                  ranks_in_sync=distributed.parameters_in_sync(model))
     return FinetuneResult(result.step, out_dir / MODEL, best, result.stopped_early)
 
 
@@ -187,7 +210,7 @@ def _restore(ckpt, model, optimizer) -> dict:
     return dict(ckpt.get("best") or {"score": None, "step": None, "metrics": {}})
 
 
-def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path):
+def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path | None):
     """Validation every `val.every` steps and after the last; a better score rewrites model.pt (atomically)."""
     cfg = job.cfg
 
@@ -198,7 +221,8 @@ def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path):
         score = job.score(metrics)
         if math.isfinite(score) and (best["score"] is None or score > best["score"]):
             best.update(score=score, step=step, metrics=metrics)
-            _save_model(out_dir, job, model, step, metrics)
+            if out_dir is not None:  # rank 0 writes; every rank validates the same weights alike
+                _save_model(out_dir, job, model, step, metrics)
         return metrics
     return validate
 

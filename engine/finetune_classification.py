@@ -23,6 +23,7 @@ class ClassificationTask:
     def __init__(self, cfg: FinetuneConfig, dataset: ClassificationDataset, cases: CaseSelection):
         self.cfg, self.cases, self.classes = cfg, cases, list(dataset.classes)
         self._validation = None
+        self.shard = (0, 1)  # (rank, world size) under torchrun
 
     def check_data(self) -> None:
         """Files were checked when the list was read; nothing else to verify for whole-volume labels."""
@@ -34,7 +35,7 @@ class ClassificationTask:
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, classification_transforms(self.cfg, train=True))
-        return endless_batches(dataset, self.cfg, start_step)
+        return endless_batches(dataset, self.cfg, start_step, self.shard)
 
     def step_fn(self, model: nn.Module, device: torch.device):
         def step(batch, progress):

@@ -13,6 +13,7 @@ from monai.data import CacheDataset, DataLoader
 
 from engine.finetune_config import FinetuneConfig
 from engine.geometry import body_level, image_array, label_to_grid, to_model_grid, window
+from engine.distributed import ShardSampler
 from engine.imageio import array_xyz, read_image
 from engine.loop import cycle
 
@@ -92,10 +93,13 @@ def cached(items: list[dict], transform: T.Compose) -> CacheDataset:
     return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
 
 
-def endless_batches(dataset, cfg: FinetuneConfig, start_step: int = 0) -> Iterator:
-    """Shuffled batches forever (reseeded per epoch), resuming in the epoch that `start_step` falls in."""
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=True, drop_last=False, num_workers=0,
-                        generator=generator)
+def endless_batches(dataset, cfg: FinetuneConfig, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator:
+    """Shuffled batches forever (reseeded per epoch), resuming in the epoch that `start_step` falls in. Under
+    torchrun, `shard` = (rank, world size): each rank draws from its own share of the cases every epoch."""
+    rank, world = shard
+    generator = torch.Generator().manual_seed(cfg.train.seed + rank)
+    sampler = ShardSampler(len(dataset), rank, world, seed=cfg.train.seed) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=False, num_workers=0, generator=generator)
     epoch = start_step // steps_per_epoch(len(dataset), cfg.data.batch_size)
     return cycle(loader, cfg.train.seed, start_epoch=epoch)

@@ -27,6 +27,7 @@ class SegmentationTask:
         self.labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))  # channel k = k-th value
         self.values = list(self.labels.values())
         self._validation = None
+        self.shard = (0, 1)  # (rank, world size) under torchrun
 
     def check_data(self) -> None:
         verify_cases(self.cases.training + self.cases.validation, self.labels)
@@ -37,7 +38,7 @@ class SegmentationTask:
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, segmentation_transforms(self.cfg, self.values, train=True))
-        return endless_batches(dataset, self.cfg, start_step)
+        return endless_batches(dataset, self.cfg, start_step, self.shard)
 
     def step_fn(self, model: nn.Module, device: torch.device):
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
