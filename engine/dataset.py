@@ -265,8 +265,12 @@ def _same_grid(image, label, case: dict) -> None:
               for what in ("size", "spacing", "origin", "direction")}
     for what, (a, b) in checks.items():
         if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
-            raise UserError(f"{case['label']}: its {what} {tuple(np.round(b, 4))} differs from the image's "
-                            f"{tuple(np.round(a, 4))} ({Path(case['image']).name}); labels must lie on the image grid")
+            raise UserError(f"{case['label']}: its {what} {_plain_numbers(b)} differs from the image's "
+                            f"{_plain_numbers(a)} ({Path(case['image']).name}); labels must lie on the image grid")
+
+
+def _plain_numbers(values) -> tuple:
+    return tuple(int(v) if float(v).is_integer() else round(float(v), 4) for v in values)
 
 
 @dataclass(frozen=True)

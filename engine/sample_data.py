@@ -18,8 +18,9 @@ PACKAGE = "TotalSegmentator==2.18.0"
 ROOT = "totalsegmentator-2.18.0/"
 # our name -> member of the sdist
 FILES = {
-    "abdomen_ct.nii.gz": "tests/reference_files/example_ct.nii.gz",
+    "abdomen_ct.nii.gz": "tests/reference_files/example_ct_sm.nii.gz",  # 30 slices at 3 mm, with its labels
     "abdomen_label.nii.gz": "tests/reference_files/example_seg.nii.gz",
+    "abdomen_full_ct.nii.gz": "tests/reference_files/example_ct.nii.gz",  # the whole abdomen, no labels
     "chest_ct.nii.gz": "tests/reference_files/aorta_report/example_ct.nii.gz",
     "dicom_label.nii.gz": "tests/reference_files/example_seg_dicom.nii.gz",
     "LICENSE.TotalSegmentator": "LICENSE",
@@ -31,6 +32,7 @@ ORGANS = {"liver": 5, "spleen": 1, "stomach": 6, "aorta": 52}
 PSEUDO = "TotalSegmentator model output (pseudo-label), 117-class 'total' map"
 CASES = [
     {"case": "abdomen", "image": "abdomen_ct.nii.gz", "label": "abdomen_label.nii.gz", "label_kind": PSEUDO},
+    {"case": "abdomen_full", "image": "abdomen_full_ct.nii.gz", "label": None, "label_kind": "none"},
     {"case": "chest", "image": "chest_ct.nii.gz", "label": None, "label_kind": "none"},
     {"case": "dicom", "image": DICOM_DIR, "label": "dicom_label.nii.gz", "label_kind": PSEUDO},
 ]
@@ -130,10 +132,14 @@ def _write_organ_subset(out: Path) -> None:
     lut = np.zeros(256, np.uint8)
     for new, old in enumerate(ORGANS.values(), start=1):
         lut[old] = new
-    for case in ("abdomen", "dicom"):
+    from engine.inference import read_input
+    grids = {"abdomen": sitk.ReadImage(str(out / "abdomen_ct.nii.gz")), "dicom": read_input(out / DICOM_DIR)[0]}
+    for case, grid in grids.items():
         label = sitk.ReadImage(str(out / f"{case}_label.nii.gz"))
         organs = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(label).astype(np.uint8)])
         organs.CopyInformation(label)
+        # the DICOM case's labelmap stores the same voxels with its j axis flipped: put it on the CT's own grid
+        organs = sitk.Resample(organs, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         sitk.WriteImage(organs, str(out / f"{case}_organs.nii.gz"), True)
     dataset = {"name": "sample CT organs (TotalSegmentator pseudo-labels)",
                "labels": {"background": 0, **{name: i for i, name in enumerate(ORGANS, start=1)}},
