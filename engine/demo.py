@@ -1,41 +1,80 @@
-"""The main job (`make demo`): sample CTs -> MiM pre-training -> reconstruction montage of a sample case."""
+"""The main job (`make demo`): sample CTs -> MiM pre-training -> reconstruction montage -> fine-tuning on the
+sample organs from the pre-trained encoder -> segmentation of a case it never trained on (a DICOM series of
+another patient) -> Dice per organ and an overlay PNG."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
-from engine.data import resolve_datalist
+from engine.evaluate import format_table, run_evaluate
+from engine.finetune import run_finetune
+from engine.inference import read_input, run_infer
+from engine.overlay import write_overlay
 from engine.pretrain import CHECKPOINT, run_pretrain
 from engine.reconstruct import run_reconstruct
-from engine.sample_data import fetch_sample_data
+from engine.sample_data import DICOM_DIR, fetch_sample_data
 
 
-def run_demo(out: str, preset: str = "small", steps: int | None = None, data: str | None = None,
-             progress: str = "bar") -> dict:
+DEMO_FINETUNE_STEPS = 150  # the small preset's 300 would double the demo's fine-tuning time
+
+
+def run_demo(out: str, preset: str = "small", steps: int | None = None, finetune_steps: int | None = DEMO_FINETUNE_STEPS,
+             data: str | None = None, progress: str = "bar") -> dict:
     out_dir = Path(out)
     t0 = time.perf_counter()
-    if data is None:
-        fetch_sample_data(out_dir / "sample-data")
-        data = str(out_dir / "sample-data")
-    image = resolve_datalist(data)[0]["image"]
-    run_dir = out_dir / "pretrain"
-    result = run_pretrain(data, str(run_dir), method="mim", preset=preset, steps=steps,
-                          resume=(run_dir / CHECKPOINT).exists(), progress=progress)
-    index = run_reconstruct(str(run_dir / CHECKPOINT), image, str(out_dir / "reconstruction"), progress=progress)
+    sample = out_dir / "sample-data"
+    fetch_sample_data(sample)
+    pretrain_data = data or str(sample / "dataset.json")
+    checkpoint = _pretrain(pretrain_data, out_dir / "pretrain", preset, steps, progress)
+    index = run_reconstruct(str(checkpoint), str(sample / "abdomen_ct.nii.gz"), str(out_dir / "reconstruction"),
+                            progress=progress)
+    model = _finetune(sample / "organs.json", out_dir / "finetune", checkpoint, preset, finetune_steps, progress)
+    scores = _segment_unseen_case(model, sample, out_dir / "segmentation", progress)
     summary = {
-        "data": data, "checkpoint": str(run_dir / CHECKPOINT), "steps": result.step,
-        "final_losses": {k: round(v, 4) for k, v in result.last_losses.items()},
-        "reconstruction": str(out_dir / "reconstruction" / "index.json"),
-        "montage": str(out_dir / "reconstruction" / index["montage"]),
+        "checkpoint": str(checkpoint), "montage": str(out_dir / "reconstruction" / index["montage"]),
+        "model": str(model), "dice": scores["dice"], "overlay": scores["overlay"], "table": scores["table"],
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
-    _print_summary(summary)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, out_dir)
     return summary
 
 
-def _print_summary(s: dict) -> None:
-    print("\nMiM demo finished in", s["minutes"], "min")
-    print(f"  sample CTs          {s['data']}")
-    print(f"  pre-trained model   {s['checkpoint']}  ({s['steps']} steps; last losses {s['final_losses']})")
-    print(f"  reconstructions     {s['reconstruction']}  (NIfTI per level and view, open them in Slicer)")
-    print(f"  montage             {s['montage']}  (rows: coarse, middle, fine)")
+def _pretrain(data: str, run_dir: Path, preset: str, steps: int | None, progress: str) -> Path:
+    resume = (run_dir / CHECKPOINT).exists()  # a second `make demo` continues (or reuses) the first one's run
+    run_pretrain(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume, progress=progress)
+    return run_dir / CHECKPOINT
+
+
+def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, preset: str, steps: int | None, progress: str) -> Path:
+    model = run_dir / "model.pt"
+    if model.exists():
+        return model
+    result = run_finetune(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint), preset=preset,
+                          steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress)
+    return result.model_path
+
+
+def _segment_unseen_case(model: Path, sample: Path, out_dir: Path, progress: str) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prediction = out_dir / "dicom_prediction.nii.gz"
+    run_infer(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress)
+    reference = sample / "dicom_organs.nii.gz"
+    result = run_evaluate(str(prediction), str(reference), labels=str(sample / "organs.json"),
+                          out=str(out_dir / "dice.json"))
+    scores = next(iter(result["cases"].values()))
+    dice = {name: s["dice"] for name, s in scores.items() if s.get("dice") is not None}
+    ct, _ = read_input(sample / DICOM_DIR)
+    overlay = write_overlay(ct, prediction, reference, result["labels"], out_dir / "overlay.png", dice=dice)
+    return {"dice": dice, "overlay": str(overlay), "table": format_table(result)}
+
+
+def _print_summary(s: dict, out_dir: Path) -> None:
+    print(f"\nMiMSlicer demo finished in {s['minutes']} min. Everything is under {out_dir}/")
+    print(f"  pre-trained MiM encoder   {s['checkpoint']}")
+    print(f"  reconstruction montage    {s['montage']}   (rows: coarse, middle, fine)")
+    print(f"  fine-tuned segmentation   {s['model']}")
+    print(f"  unseen case, Dice         {', '.join(f'{k} {v:.2f}' for k, v in s['dice'].items())}")
+    print(f"  overlay                   {s['overlay']}   (dashed: reference, solid: prediction)")
+    print("\n" + s["table"])
