@@ -331,7 +331,7 @@ def _add_bench(sub) -> None:
     size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
     p.add_argument("--preset", help="segmentation preset for inference and fine-tuning (default: small)")
-    p.add_argument("--amp", default="auto", help="auto | bf16 | off: autocast for every measurement")
+    p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 (CUDA) | off: autocast of every measurement")
 
     def run(args) -> None:
         from engine.bench import run_bench

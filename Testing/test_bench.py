@@ -1,0 +1,89 @@
+"""`engine bench` end to end at the test suite's size (`--tiny`, real CT): it runs, prints its table and writes the
+JSON report with the keys runs are compared by. No timing assertions: figures need only be positive and finite.
+The judging of targets is pinned on hand-made reports."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from engine.bench import run_bench
+from engine.bench_report import judge_targets
+from engine.errors import UserError
+from engine_testing import SHARED_DATA, require_shared_data, run_engine
+
+REQUIRED = {
+    "inference": ("ours_s", "swinunetr_s", "unet_s", "ours_peak_rss_gb", "ours_gflops", "gemm_peak_gflops"),
+    "pretrain": ("mim_base_step_s", "mim_base_peak_rss_gb", "mae_base_view_step_s", "hybridmim_unet_step_s",
+                 "hybridmim_unet_full_recon_step_s"),
+    "finetune": ("step_s", "epoch_s"),
+}
+MACHINE = ("cpu", "cores", "torch", "threads", "flags", "bf16_autocast")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[dict, str]:
+    require_shared_data()
+    if not (SHARED_DATA / "ct-native").is_dir():
+        pytest.skip("the whole-CT timing needs ../shared/data/ct-native")
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    result = run_engine("bench", "--tiny", "--json", str(out))
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_report_carries_the_keys_runs_are_compared_by(bench):
+    report, _ = bench
+    assert report["mode"] == "tiny" and "tiny" in report["note"]
+    assert set(MACHINE) <= set(report["machine"])
+    for section, keys in REQUIRED.items():
+        assert set(keys) <= set(report[section]), section
+    assert set(report["inference"]["contenders"]) == {"ours", "swinunetr", "unet"}
+    assert report["inference"]["ct"]["cropped"]
+
+
+def test_every_figure_is_positive_and_finite(bench):
+    report, _ = bench
+    for section, keys in REQUIRED.items():
+        for key in keys:
+            value = report[section][key]
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{section}.{key}={value}"
+    for name, result in {**report["inference"]["contenders"], **report["pretrain"]["runs"]}.items():
+        assert "error" not in result, f"{name}: {result.get('error')}"
+    assert report["finetune"]["steps_per_epoch"] == report["finetune"]["cases"] >= 1
+
+
+def test_table_names_contenders_runs_and_targets_and_tiny_judges_nothing(bench):
+    report, stdout = bench
+    for word in ("swinunetr", "unet", "mim_base", "hybridmim_unet_full_recon", "fine-tuning", "targets", "--tiny"):
+        assert word in stdout
+    assert report["targets"] and all(row["met"] is None for row in report["targets"])
+
+
+def _report(mode: str, cropped: bool, preset: str, **figures) -> dict:
+    sections = {"inference": {"ct": {"cropped": cropped}}, "pretrain": {"preset": preset}, "finetune": {}}
+    for key, value in figures.items():
+        section, _, name = key.partition("__")
+        sections[section][name] = value
+    return {"mode": mode, **sections}
+
+
+def test_targets_are_judged_only_where_the_run_measured_what_they_speak_of():
+    figures = dict(inference__ours_vs_swinunetr=0.1, inference__ours_s=90.0, inference__ours_gemm_fraction=0.2,
+                   pretrain__mim_base_step_s=17.0, pretrain__mim_base_peak_rss_gb=7.0)
+    full = {r["key"]: r["met"] for r in judge_targets(_report("full", False, "base", **figures))}
+    assert full["inference.ours_vs_swinunetr"] is True and full["inference.ours_s"] is False
+    assert full["inference.ours_gemm_fraction"] is False  # an "at least" target
+    assert full["pretrain.mim_base_step_s"] is True and full["pretrain.mim_base_peak_rss_gb"] is False
+    assert full["inference.ours_peak_rss_gb"] is None  # not measured
+    quick = {r["key"]: r["met"] for r in judge_targets(_report("quick", True, "small", **figures))}
+    assert quick["inference.ours_s"] is None and quick["inference.ours_vs_swinunetr"] is True
+    assert quick["pretrain.mim_base_step_s"] is None  # not the base preset
+
+
+@pytest.mark.parametrize("settings, message", [(dict(seg_preset="tiny"), "SwinUNETR"), (dict(seg_preset="bse"), "base"),
+                                               (dict(amp="fp32"), "--amp"), (dict(mode="slow"), "bench mode")])
+def test_bad_settings_are_refused_before_anything_runs(settings, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run_bench(**{"mode": "full", **settings}, json_out=str(tmp_path / "never.json"), echo=pytest.fail)
+    assert not (tmp_path / "never.json").exists()
