@@ -21,10 +21,10 @@ $(STAMP): pyproject.toml requirements-test.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m engine demo --out $(DEMO_OUT)
+	PYTHONUTF8=1 $(PY) -m engine demo --out $(DEMO_OUT)
 
 test: $(STAMP)
-	$(PY) -m pytest -q Testing
+	PYTHONUTF8=1 $(PY) -m pytest -q Testing
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

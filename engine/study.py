@@ -56,7 +56,7 @@ def _announce(progress: str, number: int, total: int, spec: RunSpec, row: dict) 
 def _publish(rows: list[dict], cfg: StudyConfig, data: StudyData, out_dir: Path, wall: float) -> dict:
     write_csv(rows, out_dir / CSV)
     write_plot(rows, out_dir / PLOT, _plot_title(cfg, data))
-    (out_dir / TABLE).write_text(markdown_table(rows))
+    (out_dir / TABLE).write_text(markdown_table(rows), encoding="utf-8")
     summary = {"study": cfg.study, "out": str(out_dir), "csv": str(out_dir / CSV), "plot": str(out_dir / PLOT),
                "table": str(out_dir / TABLE), "runs": len(rows), "test_cases": [c["name"] for c in data.test],
                "training_pool": [c["name"] for c in data.pool], "pretrain": _pretrain_times(cfg, out_dir),

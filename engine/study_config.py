@@ -173,7 +173,7 @@ def save_study_config(cfg: StudyConfig, out_dir: Path) -> Path:
         return path
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(mine, sort_keys=False))
+        path.write_text(yaml.safe_dump(mine, sort_keys=False), encoding="utf-8")
     except OSError as err:
         raise UserError(f"{out_dir}: cannot write the study folder ({err.strerror})") from None
     return path
