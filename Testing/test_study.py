@@ -72,7 +72,7 @@ def study(cases, tmp_path_factory):
 
 
 def read_csv(path) -> list[dict]:
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -87,7 +87,7 @@ def test_runs_end_to_end_and_writes_csv_plot_table(study):
         assert row["test_cases"] == "pycerr_pat_3" and row["finetune_steps"] == "2"
         assert row["pretrain_steps"] == ("0" if row["init"] == "scratch" else "2")
     assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    table = (out / "results_table.md").read_text()
+    table = (out / "results_table.md").read_text(encoding="utf-8")
     assert table.startswith("| initialisation | 1 case | 2 cases |") and "MiM pre-trained" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_cases"] == TEST and summary["pretrain"]["mim"]["steps"] == 2

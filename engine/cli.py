@@ -321,7 +321,7 @@ def _study(args) -> None:
     summary = run_label_efficiency(args.config, out=args.out, device=args.device, progress=args.progress,
                                    overrides=parse_sets(args.set))
     if args.progress != "json":
-        print(Path(summary["table"]).read_text() + f"\nwrote {summary['csv']}, {summary['plot']}")
+        print(Path(summary["table"]).read_text(encoding="utf-8") + f"\nwrote {summary['csv']}, {summary['plot']}")
 
 
 def _add_bench(sub) -> None:

@@ -69,7 +69,7 @@ def _publish(rows: list[dict], cfg: StudyConfig, data: StudyData, out_dir: Path,
 def _plot_title(cfg: StudyConfig, data: StudyData) -> str:
     return (f"{cfg.task.label} Dice on {len(data.test)} held-out case(s) ({', '.join(c['name'] for c in data.test)})"
             f"\npre-training {cfg.pretrain.steps} steps ({cfg.pretrain.preset}), fine-tuning {cfg.finetune.steps} "
-            f"steps ({cfg.finetune.preset}), {len(cfg.seeds)} seeds")
+            f"steps ({cfg.finetune.preset}), {len(cfg.seeds)} seed(s)")
 
 
 def _pretrain_times(cfg: StudyConfig, out_dir: Path) -> dict:

@@ -112,8 +112,8 @@ class StudyConfig:
 
 
 def _unique_nonempty(name: str, values: tuple) -> None:
-    if not values or len(set(values)) != len(values):
-        raise UserError(f"{name} must be a non-empty list without repeats, got {list(values)}")
+    if not isinstance(values, tuple) or not values or len(set(values)) != len(values):
+        raise UserError(f"{name} must be a non-empty list without repeats, got {values}")
 
 
 def _runner_owned(name: str, overrides: dict) -> None:
@@ -149,7 +149,7 @@ def load_study_config(config: str, overrides: dict[str, Any] | None = None) -> S
     """The study YAML, then dotted overrides (`--set finetune.steps=100`)."""
     path = resolve_config_path(config)
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"{path}: not a readable study YAML ({err})") from None
     tree = merge_trees(tree, undot(overrides or {}))
@@ -165,7 +165,7 @@ def save_study_config(cfg: StudyConfig, out_dir: Path) -> Path:
     path = out_dir / "study.yaml"
     mine = cfg.to_dict()
     if path.exists():
-        saved = yaml.safe_load(path.read_text())
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
         changed = [key for key in sorted(set(saved) | set(mine)) if saved.get(key) != mine.get(key) and key != "out"]
         if changed:
             raise UserError(f"{out_dir} holds a study with other settings ({', '.join(changed)} differ); rerun with "

@@ -22,7 +22,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     """One row per run; Dice of each test case in its own column (dice_<case>); case lists joined by ';'."""
     test_cases = list(rows[0]["dice"]) if rows else []
     columns = CSV_HEAD + [f"dice_{case}" for case in test_cases] + CSV_TAIL
-    with open(path, "w", newline="") as f:
+    with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
@@ -53,7 +53,7 @@ def write_plot(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_xticks(counts, [str(n) for n in counts])
     ax.minorticks_off()
     ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("Dice on the held-out test cases")
+    ax.set_ylabel("mean Dice over the held-out test cases")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=9)
