@@ -4,6 +4,7 @@ A Task writes its inputs to its own temporary folder, runs one engine command (E
 events, and when the engine ends loads the results inside a SceneTransaction: all of them or none. A failed,
 cancelled or unloadable run leaves the scene as it was (live nodes such as the training plot are removed too),
 and its temporary folder is always removed. Callers poll() from a QTimer (widget) or call wait() (scripts)."""
+import abc
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 PRESET_SPACING = {"tiny": [3.0, 3.0, 3.0], "small": [2.0, 2.0, 2.0], "base": [1.5, 1.5, 1.5]}
 
 
-class Task:
+class Task(abc.ABC):
     kind = "job"
     title = "Engine job"
 
@@ -90,16 +91,16 @@ class Task:
         return min(1.0, self.step / self.total) if self.total else 0.0
 
     # -- hooks for subclasses --------------------------------------------------------------------------------
+    @abc.abstractmethod
     def prepare(self, folder):
         """Write inputs into `folder`; return the engine command."""
-        raise NotImplementedError
 
     def onEvent(self, event):
         pass
 
+    @abc.abstractmethod
     def load(self):
         """Create the result nodes (called inside a SceneTransaction: all or none); return the result."""
-        raise NotImplementedError
 
     def discard(self):
         """Remove nodes made before the end (live plots)."""
