@@ -88,7 +88,8 @@ def test_runs_end_to_end_and_writes_csv_plot_table(study):
         assert row["pretrain_steps"] == ("0" if row["init"] == "scratch" else "2")
     assert (out / "label_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results_table.md").read_text(encoding="utf-8")
-    assert table.startswith("| initialisation | 1 case | 2 cases |") and "MiM pre-trained" in table
+    assert table.startswith("**Test Dice") and "| initialisation | 1 case | 2 cases |" in table
+    assert "MiM pre-trained" in table and "Paired difference" in table and "train_dice" in table
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_cases"] == TEST and summary["pretrain"]["mim"]["steps"] == 2
 
@@ -200,10 +201,15 @@ def test_bad_settings_are_refused(cases, study, tmp_path):
 
 
 def test_report_shows_every_seed(tmp_path):
-    rows = [{"init": init, "n_cases": n, "seed": seed, "mean_dice": 0.1 * n + 0.01 * seed + (init == "mim") * 0.2}
+    rows = [{"init": init, "n_cases": n, "seed": seed, "mean_dice": 0.1 * n + 0.01 * seed + (init == "mim") * 0.2
+             - (init == "mim" and seed == 2) * 0.25, "train_dice": 0.5 if init == "mim" else None}
             for n in (1, 2, 4) for seed in (0, 1, 2) for init in ("mim", "scratch")]
     table = markdown_table(rows)
-    assert "| MiM pre-trained | 0.310 ± 0.010 (0.300–0.320, n=3) |" in table
+    assert "| MiM pre-trained | 0.227 ± 0.136 (0.070–0.310, n=3) |" in table
     assert "| from scratch | 0.110 ± 0.010 (0.100–0.120, n=3) |" in table
+    # paired by (cases, seed): +0.2, +0.2, -0.05 -> mean +0.117, higher in 2 of 3 seeds
+    assert "| MiM pre-trained | +0.117 (-0.050 to +0.200; 2/3) |" in table
+    assert "| MiM pre-trained | 0.500 ± 0.000 (0.500–0.500, n=3) |" in table  # train_dice; scratch's are missing
+    assert "| from scratch | n/a | n/a | n/a |" in table
     png = write_plot(rows, tmp_path / "plot.png", "synthetic")
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -1,5 +1,6 @@
 """What the study publishes: results.csv (one row per run), label_efficiency.png (test Dice vs labelled cases, one
-line per initialisation, every seed shown and the min-max band), and results_table.md (mean +- sd over seeds)."""
+line per initialisation, every seed shown and the min-max band), and results_table.md (mean +- sd over seeds, the
+paired differences to the scratch arm, and how well the runs fit their own training cases)."""
 from __future__ import annotations
 
 import csv
@@ -33,13 +34,14 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def by_arm(rows: list[dict]) -> dict[str, dict[int, list[float]]]:
-    """init -> labelled cases -> the test Dice of each seed (finite values only), in run order."""
+def by_arm(rows: list[dict], key: str = "mean_dice") -> dict[str, dict[int, list[float]]]:
+    """init -> labelled cases -> row[key] (test Dice by default) of each seed (finite values only), in run order."""
     arms: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         values = arms.setdefault(row["init"], {}).setdefault(row["n_cases"], [])
-        if math.isfinite(row["mean_dice"]):
-            values.append(row["mean_dice"])
+        value = row.get(key)
+        if value is not None and math.isfinite(value):
+            values.append(value)
     return arms
 
 
@@ -81,14 +83,45 @@ def _draw_arm(ax, init: str, arm: dict[int, list[float]], offset: float) -> None
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Initialisations x labelled cases: mean +- sd of the test Dice over seeds, and the seeds' range."""
-    arms = by_arm(rows)
+    """Three tables, initialisations x labelled cases: test Dice (mean +- sd over seeds and the seeds' range); the
+    paired difference to scratch (same cases and seed, so the case draw cancels); train_dice (the fit)."""
+    sections = [("Test Dice (mean over the test cases), mean ± sd over seeds (range, number of seeds)",
+                 _grid(by_arm(rows), _cell))]
+    paired = paired_differences(rows)
+    if paired:
+        sections.append(("Paired difference in test Dice to the scratch arm (same training cases and seed): "
+                         "mean over seeds (range; seeds where the pre-trained arm is higher)", _grid(paired, _diff_cell)))
+    sections.append(("Dice on the run's own training cases after the last step (`train_dice`: the fit), mean ± sd "
+                     "over seeds", _grid(by_arm(rows, "train_dice"), _cell)))
+    return "\n".join(f"**{title}**\n\n{table}" for title, table in sections)
+
+
+def paired_differences(rows: list[dict], reference: str = "scratch") -> dict[str, dict[int, list[float]]]:
+    """init -> labelled cases -> [Dice(init) - Dice(reference)] for each (cases, seed) both arms finished."""
+    ref = {(r["n_cases"], r["seed"]): r["mean_dice"] for r in rows if r["init"] == reference}
+    out: dict[str, dict[int, list[float]]] = {}
+    for row in rows:
+        base = ref.get((row["n_cases"], row["seed"]))
+        if row["init"] == reference or base is None or not (math.isfinite(row["mean_dice"]) and math.isfinite(base)):
+            continue
+        out.setdefault(row["init"], {}).setdefault(row["n_cases"], []).append(row["mean_dice"] - base)
+    return out
+
+
+def _grid(arms: dict[str, dict[int, list[float]]], cell) -> str:
     counts = sorted({n for arm in arms.values() for n in arm})
     lines = ["| initialisation | " + " | ".join(f"{n} case{'s' * (n > 1)}" for n in counts) + " |",
              "|---|" + "---|" * len(counts)]
     for init, arm in arms.items():
-        lines.append(f"| {NAMES.get(init, init)} | " + " | ".join(_cell(arm.get(n, [])) for n in counts) + " |")
+        lines.append(f"| {NAMES.get(init, init)} | " + " | ".join(cell(arm.get(n, [])) for n in counts) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _diff_cell(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    higher = sum(v > 0 for v in values)
+    return f"{np.mean(values):+.3f} ({min(values):+.3f} to {max(values):+.3f}; {higher}/{len(values)})"
 
 
 def _cell(values: list[float]) -> str:
