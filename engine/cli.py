@@ -300,6 +300,8 @@ def _positive_int(text: str) -> int:
 
 def _infer(args) -> None:
     from engine.inference import dry_run_infer, run_infer
+    if args.json and not args.dry_run:
+        raise UserError("--json goes with --dry-run (progress as JSON lines: --progress json)")
     if args.dry_run:
         import json
 
