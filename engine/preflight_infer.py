@@ -239,7 +239,7 @@ def dry_run_record(source, target, plan: VolumePlan, model_bytes: int) -> dict:
             "peak_gb": _gb(peak), "model_gb": _gb(model_bytes), **plan.to_dict()}
 
 
-def format_dry_run(record: dict, roi: int | None = None) -> str:
+def format_dry_run(record: dict) -> str:
     """The lines `engine infer --dry-run` prints for one volume."""
     size = "x".join
     auto = " (the largest that fits, up to the default)" if record["tile_batch_auto"] else ""
