@@ -23,6 +23,16 @@ def to_model_grid(image: sitk.Image, spacing, interpolator=sitk.sitkLinear,
                          tuple(new_spacing), oriented.GetDirection(), float(default), _pixel_type(oriented, interpolator))
 
 
+def model_grid_size(size, spacing, direction, new_spacing) -> tuple[int, ...]:
+    """The size `to_model_grid` gives an image with this header, without the image: image axis i runs along the
+    world axis its direction column points at most (that is the axis DICOMOrient puts it on)."""
+    columns = np.abs(np.asarray(direction, dtype=float).reshape(3, 3))
+    out = [1, 1, 1]
+    for i, axis in enumerate(columns.argmax(0)):
+        out[axis] = max(1, int(round(size[i] * spacing[i] / float(new_spacing[axis]))))
+    return tuple(out)
+
+
 def label_to_grid(label: sitk.Image, grid: sitk.Image) -> sitk.Image:
     """A label volume resampled (nearest) onto an image's model grid."""
     return sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, label.GetPixelID())

@@ -4,8 +4,10 @@ Arrays follow MONAI's convention: axes (x, y, z) = (i, j, k), affine maps voxel 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,25 +32,63 @@ def read_image(path: str | os.PathLike, max_voxels: int | None = None) -> sitk.I
 
     The header is read first: a volume whose header claims more voxels than `max_voxels` (default: what fits in
     half of this machine's memory as float32) is refused before anything is allocated."""
+    path = _volume_path(path)
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_floats(path)  # ITK's NIfTI reader turns NaN into 0 without a word
+    if path.name.lower().endswith(".gz"):
+        _check_gzip(path)  # ITK fills a truncated gzip stream with zeros instead of failing
+    try:
+        image = _header_reader(path, max_voxels).Execute()
+    except RuntimeError as err:
+        raise UserError(f"{path}: cannot read this volume ({_reason(err)})") from None
+    _check_finite(path, image)
+    return image
+
+
+@dataclass(frozen=True)
+class VolumeHeader:
+    """What a volume file's header says, without its voxels."""
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    direction: tuple[float, ...]
+    pixel_bytes: int  # bytes per voxel once read
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(self.size)
+
+
+def read_header(path: str | os.PathLike) -> VolumeHeader:
+    """The header of a volume file, checked as `read_image` checks it, without reading its voxels."""
+    path = _volume_path(path)
+    try:
+        reader = _header_reader(path, None)
+    except RuntimeError as err:
+        raise UserError(f"{path}: cannot read this volume ({_reason(err)})") from None
+    one_voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    direction = np.array(reader.GetDirection()).reshape(reader.GetDimension(), -1)[:3, :3]  # 4D: one time point
+    return VolumeHeader(tuple(reader.GetSize()[:3]), tuple(reader.GetSpacing()[:3]),
+                        tuple(map(float, direction.ravel())),
+                        one_voxel.GetSizeOfPixelComponent() * reader.GetNumberOfComponents())
+
+
+def _volume_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
         raise UserError(f"{path}: is a folder, expected a volume file")
-    if path.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_floats(path)  # ITK's NIfTI reader turns NaN into 0 without a word
-    if path.name.lower().endswith(".gz"):
-        _check_gzip(path)  # ITK fills a truncated gzip stream with zeros instead of failing
+    return path
+
+
+def _header_reader(path: Path, max_voxels: int | None) -> sitk.ImageFileReader:
+    """A reader that has read and checked the header (3D scalar, a size this machine can hold, valid spacing)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-        _check_header(path, reader, max_voxels)
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise UserError(f"{path}: cannot read this volume ({_reason(err)})") from None
-    _check_finite(path, image)
-    return image
+    reader.ReadImageInformation()
+    _check_header(path, reader, max_voxels)
+    return reader
 
 
 def _check_nifti_floats(path: Path) -> None:
