@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _memory_check_arg(p) -> None:
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="run even when the predicted peak memory exceeds 90%% of what is available")
+
+
 def _progress_arg(p) -> None:
     p.add_argument("--progress", choices=("bar", "json", "none"), default="bar",
                    help="a tqdm bar on stderr, or one JSON object per line on stdout (for programs)")
@@ -93,6 +98,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set mask.k2=2 --set train.lr=5e-4 (YAML values)")
+    _memory_check_arg(p)
     _progress_arg(p)
     p.set_defaults(func=_pretrain)
 
@@ -100,7 +106,8 @@ def _add_pretrain(sub) -> None:
 def _pretrain(args) -> None:
     from engine.pretrain import run_pretrain
     run_pretrain(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps, resume=args.resume,
-                 seed=args.seed, progress=args.progress, device=args.device, overrides=parse_sets(args.set))
+                 seed=args.seed, progress=args.progress, device=args.device, overrides=parse_sets(args.set),
+                 check_memory=not args.skip_memory_check)
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -250,6 +257,7 @@ def _add_finetune(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set model.roi=64 --set data.hu_window=[-175,250]")
+    _memory_check_arg(p)
     _progress_arg(p)
     p.set_defaults(func=_finetune)
 
@@ -259,7 +267,7 @@ def _finetune(args) -> None:
     result = run_finetune(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
                           steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder, fold=args.fold,
                           train_cases=args.train_cases, seed=args.seed, resume=args.resume, progress=args.progress,
-                          device=args.device, overrides=parse_sets(args.set))
+                          device=args.device, overrides=parse_sets(args.set), check_memory=not args.skip_memory_check)
     if args.progress != "json":
         print(f"wrote {result.model_path} (best at step {result.best.get('step')}: {result.best.get('metrics')})")
 
@@ -274,14 +282,38 @@ def _add_infer(sub) -> None:
     p.add_argument("--tta", action="store_true", help="average over flips of each axis (4x slower)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--sw-batch-size", type=_positive_int, metavar="N",
+                   help="windows per forward (default: the largest up to 2 that fits in memory)")
+    p.add_argument("--dry-run", action="store_true", help="predict memory and time per volume, segment nothing")
+    p.add_argument("--json", action="store_true", help="with --dry-run: print the prediction as JSON")
+    _memory_check_arg(p)
     _progress_arg(p)
     p.set_defaults(func=_infer)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def _infer(args) -> None:
-    from engine.inference import run_infer
+    from engine.inference import dry_run_infer, run_infer
+    if args.json and not args.dry_run:
+        raise UserError("--json goes with --dry-run (progress as JSON lines: --progress json)")
+    if args.dry_run:
+        import json
+
+        from engine.preflight_infer import format_dry_run
+        records = dry_run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
+                                tta=args.tta, device=args.device, overlap=args.overlap,
+                                sw_batch_size=args.sw_batch_size)
+        print(json.dumps(records, indent=1) if args.json else "\n".join(format_dry_run(r) for r in records))
+        return
     written = run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
-                        device=args.device, overlap=args.overlap, progress=args.progress)
+                        device=args.device, overlap=args.overlap, progress=args.progress,
+                        sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check)
     if args.progress != "json":
         print("\n".join(str(p) for p in written))
 

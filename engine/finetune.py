@@ -29,6 +29,7 @@ from engine.finetune_data import steps_per_epoch
 from engine.finetune_segmentation import SegmentationTask
 from engine.loop import train_loop
 from engine.optim import build_optimizer
+from engine.preflight_training import check_finetune
 from engine.progress import Progress
 from engine.weights import PretrainedWeights, load_pretrained, read_pretrained
 
@@ -49,18 +50,19 @@ def run_finetune(data: str, out: str, task: str = "segmentation", pretrained: st
                  preset: str = "tiny", steps: int | None = None, epochs: int | None = None,
                  freeze_encoder: bool = False, fold: int | None = None, train_cases: int | None = None,
                  seed: int = 0, resume: bool = False, progress: str = "bar", device: str = "auto",
-                 overrides: dict | None = None) -> FinetuneResult:
-    """Fine-tune alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
+                 overrides: dict | None = None, check_memory: bool = True) -> FinetuneResult:
+    """Fine-tune alone or as one of torchrun's processes (DDP); only rank 0 reports and writes. Unless
+    `check_memory` is False, a run whose estimated peak memory does not fit is refused before its run folder."""
     info, dev = distributed.setup(device)
     try:
         return _finetune(info, dev, data, Path(out), task, pretrained, preset, steps, epochs, freeze_encoder, fold,
-                         train_cases, seed, resume, progress, overrides)
+                         train_cases, seed, resume, progress, overrides, check_memory)
     finally:
         distributed.teardown()
 
 
 def _finetune(info, dev, data, out_dir: Path, task, pretrained, preset, steps, epochs, freeze_encoder, fold,
-              train_cases, seed, resume, progress, overrides) -> FinetuneResult:
+              train_cases, seed, resume, progress, overrides, check_memory) -> FinetuneResult:
     ckpt = _resume_state(out_dir, task) if resume else None
     dataset = _load_data(task, data)
     cases = _cases(ckpt, dataset, fold, train_cases, seed)
@@ -70,6 +72,9 @@ def _finetune(info, dev, data, out_dir: Path, task, pretrained, preset, steps, e
     job = TASK_TYPES[task](cfg, dataset, cases)
     job.shard = (info.rank, info.world_size)
     job.check_data()
+    if check_memory:
+        estimate = check_finetune(job, dev, resume)
+        log.info("memory: about %s predicted", estimate.describe())
     if info.is_main:
         _prepare_run_dir(out_dir, cfg, cases, resume)
     distributed.barrier()

@@ -26,6 +26,8 @@ from engine.geometry import back_to_input, body_box, image_array, resample_chann
 from engine.imageio import is_volume_file, read_image
 from engine.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.models.segmenter import build_segmenter
+from engine.preflight import available_for
+from engine.preflight_infer import InferencePreflight, VolumePlan, check_volume, dry_run_record
 from engine.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -50,10 +52,18 @@ class ModelSpec:
     spacing: tuple[float, ...]
     hu_window: tuple[float, ...]
     roi: int
+    in_channels: int = 1
 
     @property
     def values(self) -> np.ndarray:
         return np.array(sorted(self.labels.values()), dtype=np.int64)
+
+
+@dataclass
+class GridVolume:
+    grid: sitk.Image  # the input on the model grid (nearest-RAS, model spacing)
+    volume: np.ndarray  # [X, Y, Z] windowed to [0, 1]
+    box: tuple[slice, ...]  # where the sliding window runs (the body's bounding box, or everything)
 
 
 @dataclass
@@ -92,34 +102,51 @@ class SegmentationPredictor:
         self.amp = amp_dtype(settings.amp, self.device)
         self.model, self.spec, self.settings = model.to(self.device).eval(), spec, settings
 
+    @property
+    def passes(self) -> int:
+        """Sliding-window passes per volume: one, or one per flip with test-time augmentation."""
+        return len(TTA_FLIPS) if self.settings.tta else 1
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, settings: InferenceSettings = InferenceSettings()):
         ckpt = load_checkpoint(path)
         if ckpt.get("kind") != "segmentation":
             raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; `infer` needs a segmentation model.pt")
         cfg = finetune_config_from_dict(ckpt["config"])
-        spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]))
+        spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
+                         cfg.encoder.in_channels)
         model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
         model.load_state_dict(ckpt["model"])
         return cls(model, spec, settings)
 
-    def predict(self, image: sitk.Image, probabilities: bool = False) -> Segmentation:
+    def predict(self, image: sitk.Image, probabilities: bool = False, sw_batch_size: int | None = None) -> Segmentation:
+        return self.predict_on_grid(image, self.model_grid(image), probabilities, sw_batch_size)
+
+    def model_grid(self, image: sitk.Image) -> GridVolume:
+        """The image on the model grid, windowed, and the box the sliding window runs over."""
         grid = to_model_grid(image, self.spec.spacing)
         volume = window(image_array(grid), self.spec.hu_window)  # [X, Y, Z]
-        box = body_box(volume, self.spec.hu_window) if self.settings.crop_body else tuple(slice(None) for _ in range(3))
+        everything = tuple(slice(0, n) for n in volume.shape)
+        box = body_box(volume, self.spec.hu_window) if self.settings.crop_body else everything
+        return GridVolume(grid, volume, box)
+
+    def predict_on_grid(self, image: sitk.Image, prepared: GridVolume, probabilities: bool = False,
+                        sw_batch_size: int | None = None) -> Segmentation:
+        """`predict` from the image's `model_grid`; `sw_batch_size` (windows per forward) overrides the settings'."""
+        grid, volume, box = prepared.grid, prepared.volume, prepared.box
         probs = np.zeros((len(self.spec.labels), *volume.shape), dtype=np.float32)
         probs[0] = 1.0  # background outside the body box
-        probs[(slice(None), *box)] = self._probabilities(volume[box]).numpy()
+        probs[(slice(None), *box)] = self._probabilities(volume[box], sw_batch_size).numpy()
         index = sitk.GetArrayFromImage(back_to_input(probs, grid, image))
         labelmap = sitk.GetImageFromArray(self.spec.values[index].astype(_label_dtype(self.spec.values)))
         labelmap.CopyInformation(image)
         return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None)
 
-    def _probabilities(self, volume: np.ndarray) -> torch.Tensor:
+    def _probabilities(self, volume: np.ndarray, sw_batch_size: int | None = None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
         s = self.settings
-        return sliding_window_probabilities(self.model, x, self.spec.roi, s.overlap, s.sw_batch_size, self.device,
-                                            self.amp, s.tta)
+        return sliding_window_probabilities(self.model, x, self.spec.roi, s.overlap, sw_batch_size or s.sw_batch_size,
+                                            self.device, self.amp, s.tta)
 
     def _probability_images(self, probs: np.ndarray, grid: sitk.Image, image: sitk.Image) -> dict[str, sitk.Image]:
         names = sorted(self.spec.labels, key=self.spec.labels.get)
@@ -182,30 +209,43 @@ def input_jobs(input_path: str | Path, output: str | Path) -> list[tuple[Path, P
 
 
 def run_infer(checkpoint: str | Path, input_path: str | Path, output: str | Path, probabilities: bool = False,
-              tta: bool = False, device: str = "auto", overlap: float = 0.5, progress: str = "bar") -> list[Path]:
-    """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written."""
+              tta: bool = False, device: str = "auto", overlap: float = 0.5, progress: str = "bar",
+              sw_batch_size: int | None = None, check_memory: bool = True) -> list[Path]:
+    """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written.
+
+    `sw_batch_size` windows go through the network at once; None: the largest up to 2 that fits in memory. Unless
+    `check_memory` is False, a volume whose estimated peak memory does not fit is refused before its big buffers."""
     jobs = input_jobs(input_path, output)
     settings = InferenceSettings(overlap=overlap, tta=tta, device=device)
     predictor = SegmentationPredictor.from_checkpoint(checkpoint, settings)
+    preflight = InferencePreflight(predictor) if check_memory else None
     reporter = Progress(progress, stage="infer", total=len(jobs))
     reporter.start(0, message=f"{len(jobs)} volume(s) on {predictor.device}")
     written = []
     for n, (source, target) in enumerate(jobs, 1):
         t0 = time.perf_counter()
-        written.append(_infer_one(predictor, source, target, probabilities, checkpoint, reporter))
+        written.append(_infer_one(predictor, source, target, probabilities, checkpoint, reporter, preflight,
+                                  sw_batch_size))
         reporter.step(n, {"seconds": round(time.perf_counter() - t0, 2)})
     reporter.done(len(jobs), written[0] if len(written) == 1 else Path(output), paths=[str(p) for p in written])
     return written
 
 
 def _infer_one(predictor: SegmentationPredictor, source: Path, target: Path, probabilities: bool, checkpoint,
-               reporter: Progress) -> Path:
+               reporter: Progress, preflight: InferencePreflight | None, sw_batch_size: int | None) -> Path:
+    available = available_for(predictor.device) if preflight else None  # before this volume takes any memory
     image, note = read_input(source)
     if note:
         log.warning(note)
         reporter.event("input", path=str(source), message=note)
     t0 = time.perf_counter()
-    result = predictor.predict(image, probabilities)
+    prepared = predictor.model_grid(image)
+    if preflight is not None:
+        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available)
+        check_volume(plan, source.name)
+        _report_plan(plan, predictor.settings.sw_batch_size, source, reporter)
+        sw_batch_size = plan.tile_batch
+    result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size)
     extra = {"source": str(source), "model": str(checkpoint), "tta": predictor.settings.tta,
              "seconds": round(time.perf_counter() - t0, 2)}
     if result.probabilities:
@@ -214,3 +254,32 @@ def _infer_one(predictor: SegmentationPredictor, source: Path, target: Path, pro
             extra["probabilities"][name] = write_image_atomic(prob, probability_path(target, name)).name
     labels = {k: v for k, v in predictor.spec.labels.items() if v != 0}
     return write_labelmap(result.labelmap, target, labels, extra)
+
+
+def _report_plan(plan: VolumePlan, default_batch: int, source: Path, reporter: Progress) -> None:
+    if plan.auto_batch and plan.tile_batch < default_batch:
+        log.warning("%s: tile batch lowered to %d to fit in memory; %s predicted", source.name, plan.tile_batch,
+                    plan.estimate.describe())
+    reporter.event("memory", path=str(source), **plan.to_dict())
+
+
+def dry_run_infer(checkpoint: str | Path, input_path: str | Path, output: str | Path, probabilities: bool = False,
+                  tta: bool = False, device: str = "auto", overlap: float = 0.5,
+                  sw_batch_size: int | None = None) -> list[dict]:
+    """What `run_infer` would need, volume by volume, without segmenting or writing anything: the windows, the tile
+    batch, the predicted peak memory (the model included) and the predicted time. Each volume is read and brought to
+    the model grid, since the body box decides how many windows run."""
+    jobs = input_jobs(input_path, output)
+    predictor = SegmentationPredictor.from_checkpoint(checkpoint, InferenceSettings(overlap=overlap, tta=tta,
+                                                                                    device=device))
+    preflight = InferencePreflight(predictor)
+    records = []
+    for source, target in jobs:
+        available = available_for(predictor.device)
+        t0 = time.perf_counter()
+        image, _ = read_input(source)
+        prepared = predictor.model_grid(image)
+        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available)
+        plan.seconds = preflight.time(plan, prepared, image, time.perf_counter() - t0)
+        records.append(dry_run_record(source, target, plan, preflight.params))
+    return records

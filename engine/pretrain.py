@@ -21,6 +21,7 @@ from engine.loop import LoopResult, cycle, train_loop, trim_log
 from engine.masking import make_mim_views
 from engine.models import build_pretrainer
 from engine.optim import build_optimizer
+from engine.preflight_training import check_pretrain
 from engine.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -29,22 +30,29 @@ CHECKPOINT = "checkpoint.pt"
 
 def run_pretrain(data: str, out: str, method: str = "mim", preset: str = "tiny", steps: int | None = None,
                  resume: bool = False, seed: int = 0, progress: str = "bar", device: str = "auto",
-                 overrides: dict | None = None) -> LoopResult:
-    """Pre-train alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
+                 overrides: dict | None = None, check_memory: bool = True) -> LoopResult:
+    """Pre-train alone or as one of torchrun's processes (DDP); only rank 0 reports and writes. Unless
+    `check_memory` is False, a run whose estimated peak memory does not fit is refused before it reads the data."""
     info, dev = distributed.setup(device)
     try:
-        return _pretrain(info, dev, data, Path(out), method, preset, steps, resume, seed, progress, overrides)
+        return _pretrain(info, dev, data, Path(out), method, preset, steps, resume, seed, progress, overrides,
+                         check_memory)
     finally:
         distributed.teardown()
 
 
-def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, seed, progress, overrides) -> LoopResult:
+def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, seed, progress, overrides,
+              check_memory) -> LoopResult:
     ckpt = _resume_state(out_dir, method, preset) if resume else None
     cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
     start = int(ckpt["step"]) if ckpt else 0
     if not resume and (out_dir / CHECKPOINT).exists():
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
-    batches = _batches(data, cfg, start, info)  # reads (and caches) the data first: a bad volume stops us here
+    items = _training_items(data, cfg, info)
+    if check_memory:
+        estimate = check_pretrain(cfg, items, dev, resume)
+        log.info("memory: about %s predicted", estimate.describe())
+    batches = _batches(items, cfg, start, info)  # reads (and caches) the data first: a bad volume stops us here
     if info.is_main:
         _prepare_run_dir(out_dir, cfg, resume)
         trim_log(out_dir / "log.jsonl", start)
@@ -67,7 +75,7 @@ def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, see
                             extra={"world_size": info.world_size})
         return path
 
-    result = train_loop(model, optimizer, cfg.train, batches, _step_fn(model, cfg, dev, masks), device=dev,
+    result = train_loop(model, optimizer, cfg.train, batches, step_function(model, cfg, dev, masks), device=dev,
                         amp=amp_dtype(cfg.train.amp, dev), start_step=start, progress=reporter, save=save,
                         log_path=out_dir / "log.jsonl" if info.is_main else None)
     in_sync = distributed.parameters_in_sync(model)
@@ -121,11 +129,15 @@ def _restore(ckpt, model, optimizer) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
 
 
-def _batches(data: str, cfg: PretrainConfig, start_step: int, info: distributed.DistInfo):
-    """Endless batches of this rank's shard; each epoch reshuffles, every volume once per epoch over all ranks."""
+def _training_items(data: str, cfg: PretrainConfig, info: distributed.DistInfo) -> list[dict]:
     items = resolve_datalist(data)
     while len(items) < cfg.data.batch_size * info.world_size:  # tiny datasets: several crops of the same volumes
         items = items * 2
+    return items
+
+
+def _batches(items: list[dict], cfg: PretrainConfig, start_step: int, info: distributed.DistInfo):
+    """Endless batches of this rank's shard; each epoch reshuffles, every volume once per epoch over all ranks."""
     dataset = pretrain_dataset(items, cfg.data, cfg.crop_size)
     sampler = distributed.ShardSampler(len(items), info.rank, info.world_size, seed=cfg.train.seed)
     generator = torch.Generator().manual_seed(cfg.train.seed + info.rank)
@@ -135,7 +147,8 @@ def _batches(data: str, cfg: PretrainConfig, start_step: int, info: distributed.
     return cycle(loader, cfg.train.seed, start_epoch=epochs_done)
 
 
-def _step_fn(model, cfg: PretrainConfig, device: torch.device, masks: torch.Generator):
+def step_function(model, cfg: PretrainConfig, device: torch.device, masks: torch.Generator):
+    """What one micro-batch does: yields (named losses, the tensor to back-propagate) once or level by level."""
     if cfg.method == "hybridmim":
         def step(batch, progress):
             losses = model(batch["image"].to(device).as_tensor(), masks)
