@@ -12,8 +12,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 from monai.networks.nets import SwinUNETR, UNet
-from torch.utils.flop_counter import FlopCounterMode
 
+from engine.bench_flops import flop_counter
 from engine.bench_machine import peak_rss_gb
 from engine.device import autocast
 from engine.finetune_config import FinetuneConfig, build_finetune_config
@@ -79,7 +79,7 @@ def window_flops(model: nn.Module, predictor: SegmentationPredictor, batch: int)
     forward over `batch` windows, which also warms the network up before the timed run."""
     roi, device = predictor.spec.roi, predictor.device
     x = torch.rand(batch, 1, roi, roi, roi, device=device)
-    with torch.inference_mode(), autocast(device, predictor.amp), FlopCounterMode(display=False) as counter:
+    with torch.inference_mode(), autocast(device, predictor.amp), flop_counter() as counter:
         model(x)
     return counter.get_total_flops() / batch
 
