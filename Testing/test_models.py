@@ -29,20 +29,48 @@ def test_visible_token_encoding_equals_full_encoding_with_masked_tokens_dropped(
 
 
 def _all_tokens(enc, x, mask):
-    """Stage 1-3 with the visibility mask, stage-4 tokens for all positions (reference path)."""
-    visible = (~mask).float().reshape(x.shape[0], 1, *(enc.grid,) * 3)
+    """Stage 1-3 with the visibility mask, stage-4 tokens for all positions (reference path): every layer as the
+    plain convolution of its `nn.Conv3d` on [B, C, D, H, W], where the encoder runs matrix multiplies on
+    channels-last tensors."""
+    def norm(wrapper, t):  # a channel LayerNorm of [B, C, D, H, W]
+        return wrapper.norm(t.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+    grid = tuple(side // enc.patch for side in x.shape[2:])
+    visible = (~mask).float().reshape(x.shape[0], 1, *grid)
     feats = []
     for i in range(3):
-        x = enc.embeds[i](x)
+        x = norm(enc.embeds[i].norm, enc.embeds[i].proj(x))
         vis = torch.nn.functional.interpolate(visible, size=x.shape[2:], mode="nearest")
         for block in enc.conv_stages[i]:
-            x = block(x, vis)
+            x = x + block.conv2(block.dwconv(block.conv1(norm(block.norm1, x)) * vis))
+            x = x + block.mlp(norm(block.norm2, x))
         x = x * vis
         feats.append(x)
-    x = enc.embeds[3](x)
-    tokens = x.flatten(2).transpose(1, 2) + enc.pos_embed
+    x = norm(enc.embeds[3].norm, enc.embeds[3].proj(x))
+    tokens = x.flatten(2).transpose(1, 2) + enc._position(grid, x)
     side = sum(p(f).flatten(2).transpose(1, 2) for p, f in zip(enc.stage_proj, feats))
     return tokens, side
+
+
+def test_encoder_equals_its_convolutions_in_value_and_gradient():
+    """The channels-last matrix-multiply encoder (and its own depth-wise backward) against plain convolutions,
+    on a non-cubic input as in fine-tuning."""
+    enc = tiny_encoder(32)
+    x = torch.rand(2, 1, 32, 48, 32)
+    tokens, feats = enc.forward_features(x)
+    ref, side = _all_tokens(enc, x, torch.zeros(2, 2 * 3 * 2, dtype=torch.bool))
+    for block in enc.blocks:
+        ref = block(ref)
+    ref = enc.norm(ref + side)
+    assert feats[0].shape == (2, enc.cfg.dims[0], 16, 24, 16)
+    assert torch.allclose(tokens, ref, atol=1e-5)
+    cotangent = torch.randn_like(ref)
+    ref.backward(cotangent)
+    reference = {n: p.grad.clone() for n, p in enc.named_parameters()}
+    enc.zero_grad()
+    tokens.backward(cotangent)
+    for n, p in enc.named_parameters():
+        assert torch.allclose(p.grad, reference[n], atol=1e-5, rtol=1e-3), n
 
 
 def test_masked_voxels_do_not_leak_into_visible_tokens():
@@ -99,6 +127,35 @@ def test_level_by_level_backward_equals_one_summed_backward():
         level.total.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, summed[n], atol=1e-6, rtol=1e-4), n
+
+
+@pytest.mark.parametrize("align", ["byol", "ce"])
+@pytest.mark.parametrize("views_per_pass", [1, 3])
+def test_views_a_few_at_a_time_give_the_same_losses_and_gradients(align, views_per_pass):
+    """A level's views in passes of `views_per_pass` (3 does not divide the 4 or 16 views of a level): the
+    passes' loss shares add up to the level's losses and the gradients equal those of one pass per level."""
+    torch.manual_seed(0)
+    cfg = build_config("tiny", "mim", {"loss.align": align})
+    model = build_pretrainer(cfg)
+    levels = make_mim_views(torch.rand(1, 1, 64, 64, 64), cfg.mask, model.patch, torch.Generator().manual_seed(0))
+    whole: dict[str, float] = {}
+    for level in model.level_outputs(levels):
+        level.total.backward()
+        whole.update({k: float(v.detach()) for k, v in level.losses.items()})
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    shares: dict[str, float] = {}
+    passes = 0
+    for level in model.level_outputs(levels, views_per_pass=views_per_pass):
+        assert level.pred.shape[0] == level.views.stop - level.views.start <= views_per_pass
+        level.total.backward()
+        passes += 1
+        for k, v in level.losses.items():
+            shares[k] = shares.get(k, 0.0) + float(v.detach())
+    assert passes == sum(-(-lv.images.shape[0] // views_per_pass) for lv in levels)
+    assert shares.keys() == whole.keys() and all(abs(shares[k] - whole[k]) < 1e-5 for k in whole), (shares, whole)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, reference[n], atol=1e-6, rtol=1e-4), n
 
 
 @pytest.mark.parametrize("align", ["byol", "ce"])

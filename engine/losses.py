@@ -18,12 +18,14 @@ def norm_pix_target(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 
 def reconstruction_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch: int,
-                        norm_pix: bool = True) -> torch.Tensor:
-    """Mean squared error on masked tokens only. pred: [V, N, p^3 C]; images: [V, C, R, R, R]; mask: [V, N]."""
+                        norm_pix: bool = True, n_masked: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error on masked tokens only. pred: [V, N, p^3 C]; images: [V, C, R, R, R]; mask: [V, N].
+    n_masked: divide by this count instead of `mask.sum()` (these views are a part of a larger set)."""
     target = norm_pix_target(images, patch) if norm_pix else patchify(images, patch)
     per_token = (pred.float() - target.float()).pow(2).mean(-1)  # [V, N]
     m = mask.float()
-    return (per_token * m).sum() / m.sum().clamp_min(1.0)
+    count = m.sum() if n_masked is None else n_masked.to(m)
+    return (per_token * m).sum() / count.clamp_min(1.0)
 
 
 def pool_blocks(latent: torch.Tensor, block_of_token: torch.Tensor, n_blocks: int) -> torch.Tensor:

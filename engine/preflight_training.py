@@ -118,8 +118,10 @@ def check_pretrain(cfg: PretrainConfig, items: list[dict], device: torch.device,
 
 
 def pretrain_alternatives(cfg: PretrainConfig) -> list[tuple[str, Callable[[], PretrainConfig]]]:
-    """Smaller settings to try, smallest change first."""
+    """Smaller settings to try, smallest change first: the first ones train the same model on the same views."""
     changes = []
+    if cfg.method != "hybridmim" and cfg.train.views_per_pass != 1:
+        changes.append({"train.views_per_pass": 1})
     if cfg.data.batch_size > 1:
         changes.append({"data.batch_size": 1})
     if cfg.method == "mim" and cfg.mask.levels == 3 and cfg.mask.k3 > 1:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ def _pretrain(info, dev, data, out_dir: Path, method, preset, steps, resume, see
               check_memory) -> LoopResult:
     ckpt = _resume_state(out_dir, method, preset) if resume else None
     cfg = _resolve_config(ckpt, method, preset, steps, seed, overrides)
+    cfg = replace(cfg, train=replace(cfg.train, views_per_pass=cfg.train.views_per_pass_on(dev)))  # "auto" decided
     start = int(ckpt["step"]) if ckpt else 0
     if not resume and (out_dir / CHECKPOINT).exists():
         raise UserError(f"{out_dir} already holds a run; pass --resume to continue it or choose another --out")
@@ -164,6 +166,7 @@ def step_function(model, cfg: PretrainConfig, device: torch.device, masks: torch
             losses = model(levels, progress)
             yield losses, losses.pop("loss")
             return
-        for level in model.level_outputs(levels, progress):  # alone: back-propagate level by level
+        # alone: back-propagate level by level, and pass by pass within a level
+        for level in model.level_outputs(levels, progress, cfg.train.views_per_pass_on(device)):
             yield level.losses, level.total
     return step
