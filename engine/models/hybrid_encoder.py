@@ -1,7 +1,14 @@
 """Hybrid ConvMAE-style 3D encoder: three convolution stages on the full grid, a ViT on the token grid.
 
 The same class serves pre-training (visible tokens only, MAE gather) and fine-tuning (no mask, multi-scale
-features), so weights move between them under one prefix without key surgery."""
+features), so weights move between them under one prefix without key surgery.
+
+Stages 1-3 keep their features channels-last, [B, D, H, W, C], so that every 1x1x1 convolution, every patch
+embedding and every stage projection (kernel = stride) is one matrix multiply over the last axis, and the
+depth-wise convolution sees a channels-last tensor without a copy. The parameters stay those of `nn.Conv3d`
+(same names and shapes as the convolutions they compute), so checkpoints and the authors' key map are unchanged;
+`Testing/test_models.py` holds them to the plain convolutions in value and gradient. Measured on 2 CPU cores, MiM
+base, the 4 middle-level views forward and backward: 3.4-3.6 s per view against 4.0-4.3 s as convolutions."""
 from __future__ import annotations
 
 import math
@@ -16,21 +23,77 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from engine.config import EncoderConfig
 
 
+def pointwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A 1x1x1 convolution of a channels-last [..., C] tensor: [..., C] -> [..., C_out]."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
+
+
+def patch_linear(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """A convolution whose kernel equals its stride (no padding), of a channels-last [B, D, H, W, C] tensor, as
+    one matrix multiply over the non-overlapping k^3 patches: -> [B, D/k, H/k, W/k, C_out]."""
+    k = conv.kernel_size[0]
+    b, d, h, w, c = x.shape
+    patches = x.reshape(b, d // k, k, h // k, k, w // k, k, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    weight = conv.weight.permute(0, 2, 3, 4, 1).flatten(1)  # [C_out, k, k, k, C] like the patches
+    return F.linear(patches.reshape(b, d // k, h // k, w // k, k**3 * c), weight, conv.bias)
+
+
+class _DepthwiseConv3d(torch.autograd.Function):
+    """Depth-wise stride-1 "same" convolution whose input gradient is a forward convolution with the flipped
+    kernel. On CPU, PyTorch's own backward computes that gradient ~6x slower than a forward convolution (1.06 s
+    against 0.16 s for 4 x 48 channels x 48^3, measured); the weight gradient stays PyTorch's."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, x, weight, bias, padding: int):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv3d(x, weight, bias, padding=padding, groups=weight.shape[0])
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        groups, pad = weight.shape[0], ctx.padding
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), padding=pad, groups=groups).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x.to(grad.dtype), weight.to(grad.dtype), [groups] if ctx.has_bias else None, [1] * 3,
+                [pad] * 3, [1] * 3, False, [0] * 3, groups, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
+            grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+            grad_b = None if grad_b is None else grad_b.to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def depthwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
+    """The depth-wise convolution `conv` of a channels-last [B, D, H, W, C] tensor, channels-last out."""
+    y = x.permute(0, 4, 1, 2, 3)  # [B, C, D, H, W] with channels-last strides: no copy
+    if y.device.type == "cpu":
+        y = _DepthwiseConv3d.apply(y, conv.weight, conv.bias, conv.padding[0])
+    else:
+        y = conv(y)
+    return y.permute(0, 2, 3, 4, 1)
+
+
 class ChannelLayerNorm3d(nn.Module):
-    """LayerNorm over the channel axis of a [B, C, D, H, W] tensor."""
+    """LayerNorm over the channels of a channels-last [B, D, H, W, C] tensor (a wrapper only so that its
+    parameters keep their saved names, `<name>.norm.weight`)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        return self.norm(x)
 
 
 class ConvBlock3d(nn.Module):
     """LN -> 1x1x1 conv -> depth-wise k^3 conv -> 1x1x1 conv, then a 1x1x1-conv MLP; both residual.
+    Channels-last in and out: x [B, D, H, W, C].
 
-    `visible` ([B, 1, D, H, W], 1 = visible) zeroes masked voxels before the spatial conv so that nothing of a
+    `visible` ([B, D, H, W, 1], 1 = visible) zeroes masked voxels before the spatial conv so that nothing of a
     masked region reaches a visible one."""
 
     def __init__(self, dim: int, kernel: int = 5, mlp_ratio: float = 4.0, dropout: float = 0.0):
@@ -44,15 +107,16 @@ class ConvBlock3d(nn.Module):
         self.mlp = nn.Sequential(nn.Conv3d(dim, hidden, 1), nn.GELU(), nn.Dropout(dropout), nn.Conv3d(hidden, dim, 1))
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.conv1(self.norm1(x))
+        y = pointwise(self.norm1(x), self.conv1)
         if visible is not None:
             y = y * visible
-        x = x + self.conv2(self.dwconv(y))
-        return x + self.mlp(self.norm2(x))
+        x = x + pointwise(depthwise(y, self.dwconv), self.conv2)
+        first, act, drop, second = self.mlp
+        return x + pointwise(drop(act(pointwise(self.norm2(x), first))), second)
 
 
 class PatchEmbed3d(nn.Module):
-    """Strided conv (kernel = stride) followed by channel LayerNorm."""
+    """Strided conv (kernel = stride) followed by channel LayerNorm; channels-last in and out."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
@@ -60,7 +124,7 @@ class PatchEmbed3d(nn.Module):
         self.norm = ChannelLayerNorm3d(out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x))
+        return self.norm(patch_linear(x, self.proj))
 
 
 class HybridEncoder(nn.Module):
@@ -89,8 +153,6 @@ class HybridEncoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.dims[3])
         self.register_buffer("pos_embed", sincos_embedding(self.grid, cfg.dims[3]), persistent=False)
         self.apply(_init_weights)
-        self.conv_stages.to(memory_format=torch.channels_last_3d)
-        self.embeds.to(memory_format=torch.channels_last_3d)
 
     @property
     def out_dim(self) -> int:
@@ -102,27 +164,28 @@ class HybridEncoder(nn.Module):
         return tokens
 
     def forward_features(self, x, keep=None, mask=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Returns (normalised stage-4 tokens [B, n, C4], [stage1, stage2, stage3] feature maps)."""
+        """Returns (normalised stage-4 tokens [B, n, C4], [stage1, stage2, stage3] feature maps [B, C_i, ...],
+        channels-last strides)."""
         self._check_input(x)
         visible = None if mask is None else (~mask).to(x.dtype).reshape(x.shape[0], 1, *(self.grid,) * 3)
         feats = []
-        x = x.contiguous(memory_format=torch.channels_last_3d)  # depth-wise 3D conv backward: ~5x faster on CPU
+        x = x.permute(0, 2, 3, 4, 1)  # [B, D, H, W, C]
         for i in range(3):
             x = self.embeds[i](x)
-            vis = None if visible is None else _upsample_mask(visible, x.shape[-1])
+            vis = None if visible is None else _upsample_mask(visible, x.shape[1]).permute(0, 2, 3, 4, 1)
             for block in self.conv_stages[i]:
                 x = block(x, vis)
             if vis is not None:
                 x = x * vis
             feats.append(x)
-        x = self.embeds[3](x)
-        tokens = x.flatten(2).transpose(1, 2) + self._position(tuple(x.shape[2:]), x)  # [B, N, C4]
-        side = sum(proj(f).flatten(2).transpose(1, 2) for proj, f in zip(self.stage_proj, feats))  # [B, N, C4]
+        x = self.embeds[3](x)  # [B, g, g, g, C4]
+        tokens = x.flatten(1, 3) + self._position(tuple(x.shape[1:4]), x)  # [B, N, C4], raster (z, y, x) order
+        side = sum(patch_linear(f, proj).flatten(1, 3) for proj, f in zip(self.stage_proj, feats))  # [B, N, C4]
         if keep is not None:
             tokens, side = gather_tokens(tokens, keep), gather_tokens(side, keep)
         for block in self.blocks:
             tokens = block(tokens)
-        return self.norm(tokens + side), feats
+        return self.norm(tokens + side), [f.permute(0, 4, 1, 2, 3) for f in feats]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
