@@ -79,7 +79,8 @@ def measure_pretrain(job: PretrainJob) -> dict:
 def _method_details(cfg) -> dict:
     if cfg.method == "hybridmim":
         return {"backbone": cfg.hybridmim.backbone, "partial": cfg.hybridmim.partial}
-    return {"views_per_crop": cfg.mask.passes_per_sample()}
+    return {"views_per_crop": cfg.mask.passes_per_sample(),
+            "views_per_pass": cfg.train.views_per_pass_on(pick_device())}
 
 
 def write_dataset(job: FinetuneJob, path: Path) -> Path:
