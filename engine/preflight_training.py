@@ -102,19 +102,9 @@ def pretrain_data_bytes(cfg: PretrainConfig, items: list[dict]) -> tuple[int, in
 
 def check_pretrain(cfg: PretrainConfig, items: list[dict], device: torch.device, resume: bool) -> MemoryEstimate:
     """Refuse a pre-training run whose estimated peak does not fit, naming a setting that would."""
-    estimate = on_device(pretrain_estimate(cfg, items), device)
-    available = available_for(device)  # after estimating: the estimate's own imports are not the run's
-    if estimate.fits(available):
-        return estimate
-    hint = RESUMED
-    if not resume:
-        def estimate_with(changed: PretrainConfig) -> MemoryEstimate:
-            return on_device(pretrain_estimate(changed, items), device)
-        data_hint = "the cached volumes are the bulk: --set data.cache_dir=FOLDER keeps them on disk instead"
-        hint = suggestion(pretrain_alternatives(cfg), estimate_with, available,
-                          data_hint if _data_heavy(estimate) else "", smaller_preset(cfg.preset))
-    require_fits(estimate, available, f"pre-training {cfg.method} ({cfg.preset} preset)", hint)
-    return estimate
+    return _check(lambda changed: pretrain_estimate(changed, items), cfg, pretrain_alternatives, device, resume,
+                  f"pre-training {cfg.method} ({cfg.preset} preset)",
+                  "the cached volumes are the bulk: --set data.cache_dir=FOLDER keeps them on disk instead")
 
 
 def pretrain_alternatives(cfg: PretrainConfig) -> list[tuple[str, Callable[[], PretrainConfig]]]:
@@ -188,19 +178,9 @@ def _validation_peak(job, model: nn.Module, headers: list[VolumeHeader]) -> Acti
 
 def check_finetune(job, device: torch.device, resume: bool) -> MemoryEstimate:
     """Refuse a fine-tuning run whose estimated peak does not fit, naming a setting that would."""
-    estimate = on_device(finetune_estimate(job), device)
-    available = available_for(device)  # after estimating: the estimate's own imports are not the run's
-    if estimate.fits(available):
-        return estimate
-    hint = RESUMED
-    if not resume:
-        def estimate_with(cfg: FinetuneConfig) -> MemoryEstimate:
-            return on_device(finetune_estimate(_with_config(job, cfg)), device)
-        data_hint = "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing"
-        hint = suggestion(finetune_alternatives(job.cfg), estimate_with, available,
-                          data_hint if _data_heavy(estimate) else "", smaller_preset(job.cfg.preset))
-    require_fits(estimate, available, f"fine-tuning {job.kind} ({job.cfg.preset} preset)", hint)
-    return estimate
+    return _check(lambda cfg: finetune_estimate(_with_config(job, cfg)), job.cfg, finetune_alternatives, device,
+                  resume, f"fine-tuning {job.kind} ({job.cfg.preset} preset)",
+                  "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing")
 
 
 def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, Callable[[], FinetuneConfig]]]:
@@ -227,6 +207,21 @@ def _with_config(job, cfg: FinetuneConfig):
 
 RESUMED = "a resumed run keeps its settings: free memory or use a machine with more"
 PRESETS_BY_SIZE = ("tiny", "small", "base")
+
+
+def _check(estimate_of: Callable, cfg, alternatives: Callable, device: torch.device, resume: bool, what: str,
+           data_hint: str) -> MemoryEstimate:
+    """The estimate of `cfg` if it fits; otherwise a refusal naming the first alternative setting that fits."""
+    estimate = on_device(estimate_of(cfg), device)
+    available = available_for(device)  # after estimating: the estimate's own imports are not the run's
+    if estimate.fits(available):
+        return estimate
+    hint = RESUMED
+    if not resume:
+        hint = suggestion(alternatives(cfg), lambda changed: on_device(estimate_of(changed), device), available,
+                          data_hint if _data_heavy(estimate) else "", smaller_preset(cfg.preset))
+    require_fits(estimate, available, what, hint)
+    return estimate
 
 
 def smaller_preset(preset: str) -> str | None:
