@@ -120,14 +120,13 @@ def _dicom_series(image: sitk.Image, folder, series_uid: str, prefix: str) -> No
         writer.Execute(sl)
 
 
-def test_dicom_folder_uses_the_largest_series_and_restores_its_grid(tmp_path):
+def test_dicom_folder_restores_its_grid_and_several_series_are_refused(constant_model, tmp_path, capsys):
     big, blob = _phantom((40, 36, 14), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1), origin=(-20.0, 10.0, -60.0))
     small, _ = _phantom((40, 36, 6), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
     _dicom_series(big, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.2", "a")
-    _dicom_series(small, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.3", "b")
     image, note = read_input(tmp_path / "dicom")
     assert image.GetSize() == big.GetSize()
-    assert "largest of 2 series" in note and "14 slices" in note
+    assert "14 slices" in note
     assert np.allclose(image.GetOrigin(), big.GetOrigin(), atol=1e-4)
     assert np.allclose(image.GetSpacing(), big.GetSpacing(), atol=1e-4)
     spec = ModelSpec({"background": 0, "blob": 1}, (1.5, 1.5, 1.5), WINDOW, roi=16)
@@ -135,6 +134,13 @@ def test_dicom_folder_uses_the_largest_series_and_restores_its_grid(tmp_path):
     assert (out.GetSize(), out.GetOrigin(), out.GetSpacing(), out.GetDirection()) == \
         (image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
     assert _dice(sitk.GetArrayFromImage(out) == 1, blob) > 0.85
+    _dicom_series(small, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.3", "b")
+    out = tmp_path / "seg.nii.gz"  # a second series joins the folder
+    assert main(["infer", "--checkpoint", str(constant_model), "--input", str(tmp_path / "dicom"),
+                 "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 DICOM series" in err and "(14 slices)" in err and "(6 slices)" in err
+    assert "Traceback" not in err and not out.exists()
 
 
 @pytest.fixture(scope="module")

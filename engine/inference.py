@@ -158,7 +158,8 @@ def _label_dtype(values: np.ndarray):
 
 
 def read_input(path: str | Path) -> tuple[sitk.Image, str]:
-    """A volume file, or a folder holding a DICOM series (the largest one if several). Returns (image, note)."""
+    """A volume file, or a folder holding one DICOM series. Returns (image, note). A folder with several series
+    is refused (naming them): which one to segment is the user's call, not a guess."""
     path = Path(path)
     if path.is_file():
         return read_image(path), ""
@@ -167,10 +168,12 @@ def read_input(path: str | Path) -> tuple[sitk.Image, str]:
     series = dicom_series(path)
     if not series:
         raise UserError(f"{path}: no DICOM series in this folder (volume files are read one by one: pass a file)")
-    uid, files = max(series.items(), key=lambda kv: len(kv[1]))
-    note = f"{path}: DICOM series {uid} ({len(files)} slices)"
     if len(series) > 1:
-        note += f", the largest of {len(series)} series"
+        listed = ", ".join(f"{uid} ({len(files)} slices)" for uid, files in sorted(series.items(), key=lambda kv: -len(kv[1])))
+        raise UserError(f"{path}: {len(series)} DICOM series in this folder: {listed}; "
+                        "put the one to segment in a folder of its own")
+    (uid, files), = series.items()
+    note = f"{path}: DICOM series {uid} ({len(files)} slices)"
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
