@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 from engine.errors import UserError
 
 GB = 1e9
+F32, INT64 = 4, 8  # bytes per value
 LIMIT_ENV = "MIM_MEMORY_LIMIT_GB"  # a cap on what this process may use (tests; users sharing a node)
 MARGIN = 0.9  # refuse when the estimate exceeds this share of what is available
 CGROUP_ROOT = Path("/sys/fs/cgroup")

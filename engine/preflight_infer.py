@@ -22,10 +22,8 @@ from torch.func import functional_call
 
 from engine.device import autocast
 from engine.geometry import resample_channel
-from engine.preflight import GB, Activations, MemoryEstimate, module_bytes, require_fits, runtime_allowance, traced
-
-F32 = 4
-INT64 = 8
+from engine.preflight import (F32, GB, INT64, Activations, MemoryEstimate, module_bytes, require_fits,
+                              runtime_allowance, traced)
 
 
 @dataclass(frozen=True)

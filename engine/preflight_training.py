@@ -22,11 +22,10 @@ from engine.errors import UserError
 from engine.finetune_config import FinetuneConfig, finetune_config_from_dict
 from engine.geometry import model_grid_size
 from engine.imageio import VolumeHeader, read_header
-from engine.preflight import (GB, Activations, MemoryEstimate, available_for, module_bytes, require_fits,
+from engine.preflight import (F32, GB, Activations, MemoryEstimate, available_for, module_bytes, require_fits,
                               runtime_allowance, traced)
 from engine.preflight_infer import forward_peak, tile_peak
 
-F32 = 4
 # Bytes a volume costs while it is read, per voxel of the file (on top of its pixel bytes) and per voxel of the
 # model grid. Pre-training transforms: float32 copy, transposed and reoriented copies of the input; MONAI's
 # resampling grid and coordinates, its output, the intensity scaling and the crop on the grid (VmHWM on the two
