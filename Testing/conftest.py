@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from engine_testing import CT_2MM, crop_ct, require_shared_data, run_engine  # noqa: F401
 
 

@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-import engine.finetune
-import engine.inference
-import engine.pretrain
-from engine.checkpoint import load_checkpoint
+import engine.finetuning.run
+import engine.inference.run
+import engine.pretraining.run
+from engine.runtime.checkpoint import load_checkpoint
 
 
 class Stop(Exception):
@@ -57,28 +57,28 @@ def command(kind: str, paths: tuple[str, ...], found: dict):
     """The command as a function of its memory check (on or off), and the bytes its estimate leaves out."""
     if kind == "infer":
         model, image, output = paths
-        record_estimate(engine.inference, "check_volume", found)
+        record_estimate(engine.inference.run, "check_volume", found)
         weights = load_checkpoint(model)["model"]  # loaded before the check: not in the volume's estimate
 
         def run(check: bool):
-            engine.inference.run_infer(model, image, output, device="cpu", progress="none", check_memory=check,
+            engine.inference.run.run_infer(model, image, output, device="cpu", progress="none", check_memory=check,
                                        sw_batch_size=found.get("tile_batch"))
         return run, sum(t.numel() * t.element_size() for t in weights.values())
     data, out, *options = paths
     preset = options[0] if options else "tiny"
     variant = options[1] if len(options) > 1 else ""  # the task or the method (default: segmentation, mim)
     if kind == "finetune":
-        record_estimate(engine.finetune, "check_finetune", found)
+        record_estimate(engine.finetuning.run, "check_finetune", found)
 
         def run(check: bool):
-            engine.finetune.run_finetune(data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0,
+            engine.finetuning.run.run_finetune(data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0,
                                          device="cpu", progress="none", overrides={"val.every": 1},
                                          check_memory=check)
     else:
-        record_estimate(engine.pretrain, "check_pretrain", found)
+        record_estimate(engine.pretraining.run, "check_pretrain", found)
 
         def run(check: bool):
-            engine.pretrain.run_pretrain(data, out, method=variant or "mim", preset=preset, steps=2, device="cpu",
+            engine.pretraining.run.run_pretrain(data, out, method=variant or "mim", preset=preset, steps=2, device="cpu",
                                          progress="none", check_memory=check)
     return run, 0
 

@@ -7,12 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
-from engine.checkpoint import save_checkpoint
-from engine.cli import main
-from engine.finetune_config import build_finetune_config
-from engine.models.segmenter import build_segmenter
 from engine_testing import CT_2MM, crop_ct, require_shared_data
+
+from engine.cli import main
+from engine.config.finetune import build_finetune_config
+from engine.models.segmenter import build_segmenter
+from engine.runtime.checkpoint import save_checkpoint
 
 KINDS = ["missing", "empty_folder", "corrupt_gzip", "truncated", "flat_2d", "series_4d", "nan_voxels",
          "absurd_header", "not_a_volume_folder"]

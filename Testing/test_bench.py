@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
-
-from engine.bench import run_bench
-from engine.bench_report import judge_targets
-from engine.errors import UserError
 from engine_testing import SHARED_DATA, require_shared_data, run_engine
+
+from engine.bench.report import judge_targets
+from engine.bench.run import run_bench
+from engine.errors import UserError
 
 REQUIRED = {
     "inference": ("ours_s", "swinunetr_s", "unet_s", "ours_peak_rss_gb", "ours_gflops", "gemm_peak_gflops"),

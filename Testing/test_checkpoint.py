@@ -4,10 +4,10 @@ import pickle
 import pytest
 import torch
 
-from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import build_config, config_from_dict
+from engine.config.pretrain import build_config, config_from_dict
 from engine.errors import UserError
 from engine.models import build_pretrainer
+from engine.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 
 def test_round_trip_with_weights_only(tmp_path):

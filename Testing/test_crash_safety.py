@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-
 from engine_testing import REPO, run_engine
 
 

@@ -5,9 +5,9 @@ import struct
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-
 from engine_testing import CT_2MM, crop_ct, require_shared_data, run_engine
-from engine.datacheck import check_dataset
+
+from engine.data.check import check_dataset
 
 
 def _nifti(path, array, affine=None):

@@ -8,8 +8,16 @@ import pytest
 import SimpleITK as sitk
 
 from engine.cli import main
-from engine.dataset import (case_name, index_folder, load_classification_dataset, load_dataset, parse_label_names,
-                            select_cases, verify_cases, write_json_atomic)
+from engine.data.labelled import (
+    case_name,
+    index_folder,
+    load_classification_dataset,
+    load_dataset,
+    parse_label_names,
+    select_cases,
+    verify_cases,
+    write_json_atomic,
+)
 from engine.errors import UserError
 
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-
 from engine_testing import REPO, run_engine
-from engine.distributed import ShardSampler
+
 from engine.errors import UserError
+from engine.runtime.distributed import ShardSampler
 
 
 @pytest.mark.parametrize("size,world", [(5, 2), (7, 3), (4, 4), (1, 1)])

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 
 from engine.cli import main
 from engine.errors import UserError
-from engine.evaluate import hausdorff95, run_evaluate
+from engine.inference.evaluate import hausdorff95, run_evaluate
 
 
 def _labelmap(array_zyx: np.ndarray, path, spacing=(1.0, 1.0, 1.0)):

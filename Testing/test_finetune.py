@@ -10,12 +10,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-
 from engine_testing import crop_ct, require_shared_data, run_engine
-from engine.checkpoint import load_checkpoint
+
 from engine.cli import main
 from engine.errors import UserError
-from engine.finetune import run_finetune
+from engine.finetuning.run import run_finetune
+from engine.runtime.checkpoint import load_checkpoint
 
 NO_AUGMENT = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0}
 

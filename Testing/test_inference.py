@@ -10,12 +10,17 @@ import SimpleITK as sitk
 import torch
 import torch.nn as nn
 
-from engine.checkpoint import save_checkpoint
 from engine.cli import main
-from engine.finetune_config import build_finetune_config
-from engine.inference import (InferenceSettings, ModelSpec, SegmentationPredictor, read_input,
-                              sliding_window_probabilities)
+from engine.config.finetune import build_finetune_config
+from engine.imageio.volumes import read_input
+from engine.inference.run import (
+    InferenceSettings,
+    ModelSpec,
+    SegmentationPredictor,
+    sliding_window_probabilities,
+)
 from engine.models.segmenter import build_segmenter
+from engine.runtime.checkpoint import save_checkpoint
 
 WINDOW = (-1000.0, 1000.0)
 THRESHOLD_HU = 150.0
@@ -200,7 +205,7 @@ def test_infer_on_a_dicom_folder_and_clear_errors(constant_model, tmp_path):
 
 def test_model_grid_is_ras_aligned_and_keeps_physical_positions():
     """Training and inference both see volumes through to_model_grid: axes towards R, A, S, same anatomy."""
-    from engine.geometry import to_model_grid
+    from engine.imageio.geometry import to_model_grid
     size, spacing, direction = GEOMETRIES["left-handed"]
     image, _ = _phantom(size, spacing, tuple(direction.ravel()))
     marker = (30, 9, 14)

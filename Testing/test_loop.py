@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from engine.config import TrainConfig
+from engine.config.sections import TrainConfig
 from engine.errors import TrainingDiverged
-from engine.loop import train_loop
-from engine.optim import warmup_cosine
-from engine.progress import Progress
+from engine.runtime.progress import Progress
+from engine.training.loop import train_loop
+from engine.training.optim import warmup_cosine
 
 
 def _run(tmp_path, step_fn, **cfg):

@@ -3,9 +3,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import MaskConfig, build_config, masked_count
-from engine.masking import (block_mask, make_mim_views, octant_of_token, patchify, random_mask, token_positions,
-                            unpatchify)
+from engine.config.pretrain import MaskConfig, build_config, masked_count
+from engine.masking import (
+    block_mask,
+    make_mim_views,
+    octant_of_token,
+    patchify,
+    random_mask,
+    token_positions,
+    unpatchify,
+)
 
 CFG = MaskConfig(roi=64, levels=3, ratios=(0.5, 0.6, 0.5), k2=4, k3=4)
 PATCH = 16

@@ -3,7 +3,7 @@ compares a child with its parent's block (not with itself, the authors' defect).
 import pytest
 import torch
 
-from engine.config import build_config
+from engine.config.pretrain import build_config
 from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
 from engine.models.hybrid_encoder import HybridEncoder, gather_tokens

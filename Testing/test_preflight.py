@@ -12,24 +12,41 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn as nn
+from engine_testing import CT_2MM, REPO, SHARED_DATA, crop_ct, require_shared_data
 from monai.data import MetaTensor
 
-from engine.checkpoint import save_checkpoint
 from engine.cli import main
-from engine.config import build_config
-from engine.dataset import index_folder, load_dataset, select_cases, write_json_atomic
+from engine.config.finetune import build_finetune_config
+from engine.config.pretrain import build_config
+from engine.data.labelled import (
+    index_folder,
+    load_dataset,
+    select_cases,
+    write_json_atomic,
+)
 from engine.errors import UserError
-from engine.finetune_config import build_finetune_config
-from engine.finetune_segmentation import SegmentationTask
-from engine.geometry import model_grid_size, to_model_grid
-from engine.inference import InferenceSettings, SegmentationPredictor, read_input, sliding_window_probabilities
+from engine.finetuning.preflight import finetune_estimate
+from engine.finetuning.segmentation import SegmentationTask
+from engine.imageio.geometry import model_grid_size, to_model_grid
+from engine.imageio.volumes import read_input
+from engine.inference.preflight import InferencePreflight, check_volume, count_windows
+from engine.inference.run import (
+    InferenceSettings,
+    SegmentationPredictor,
+    sliding_window_probabilities,
+)
 from engine.models import build_pretrainer
 from engine.models.segmenter import build_segmenter
-from engine.preflight import LIMIT_ENV, MARGIN, available_memory_bytes, cgroup_available, traced
-from engine.preflight_infer import InferencePreflight, check_volume, count_windows
-from engine.preflight_training import finetune_estimate, meta_batch, training_step_peak
-from engine.pretrain import step_function
-from engine_testing import CT_2MM, REPO, SHARED_DATA, crop_ct, require_shared_data
+from engine.pretraining.step import step_function
+from engine.runtime.checkpoint import save_checkpoint
+from engine.runtime.memory import (
+    LIMIT_ENV,
+    MARGIN,
+    available_memory_bytes,
+    cgroup_available,
+    traced,
+)
+from engine.training.preflight import meta_batch, training_step_peak
 
 # Estimate / measured rise of the peak resident set (VmHWM), on a 2-core x86 machine (torch 2.13, glibc), over 19 tiny
 # and small runs of every command (pre-training of each method, fine-tuning on crops and whole CTs, inference up to

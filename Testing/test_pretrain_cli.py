@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from engine_testing import run_engine
 
 

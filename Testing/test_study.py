@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import yaml
-
 from engine_testing import require_shared_data
-from engine import study_runs
+
 from engine.cli import main
 from engine.errors import UserError
-from engine.study import run_label_efficiency
-from engine.study_config import load_study_config
-from engine.study_data import HeldOutViolation, check_held_out
-from engine.study_report import markdown_table, write_plot
+from engine.study import runs as study_runs
+from engine.study.config import load_study_config
+from engine.study.data import HeldOutViolation, check_held_out
+from engine.study.report import markdown_table, write_plot
+from engine.study.run import run_label_efficiency
 
 LABELLED = ("mirp_lung1_001", "pycerr_pat_1", "pycerr_pat_2", "pycerr_pat_3")  # mirp: GTV 1 + cord, lungs 2..4
 TEST = ["pycerr_pat_3"]

@@ -10,14 +10,19 @@ import os
 import pytest
 import torch
 
-from engine.checkpoint import save_checkpoint
-from engine.config import build_config
+from engine.config.pretrain import build_config
 from engine.errors import UserError
+from engine.finetuning.weights import (
+    interpolate_pos_embed,
+    load_pretrained,
+    read_pretrained,
+    read_weights_file,
+    repeat_first_conv,
+)
 from engine.models import build_pretrainer
 from engine.models.classifier import HybridClassifier
 from engine.models.segmenter import HybridSegmenter, SwinSegmenter
-from engine.weights import (interpolate_pos_embed, load_pretrained, read_pretrained, read_weights_file,
-                            repeat_first_conv)
+from engine.runtime.checkpoint import save_checkpoint
 
 TINY = build_config("tiny")
 

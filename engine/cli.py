@@ -53,7 +53,7 @@ def user_error_in(err: BaseException) -> UserError | None:
 def _report(err, progress_mode: str) -> None:
     message = str(err)
     if progress_mode == "json":
-        from engine.progress import Progress
+        from engine.runtime.progress import Progress
         Progress("json").error(message)
     print(f"error: {message}", file=sys.stderr)
 
@@ -104,7 +104,7 @@ def _add_pretrain(sub) -> None:
 
 
 def _pretrain(args) -> None:
-    from engine.pretrain import run_pretrain
+    from engine.pretraining.run import run_pretrain
     run_pretrain(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps, resume=args.resume,
                  seed=args.seed, progress=args.progress, device=args.device, overrides=parse_sets(args.set),
                  check_memory=not args.skip_memory_check)
@@ -135,7 +135,7 @@ def _add_reconstruct(sub) -> None:
 
 
 def _reconstruct(args) -> None:
-    from engine.reconstruct import run_reconstruct
+    from engine.pretraining.reconstruct import run_reconstruct
     index = run_reconstruct(args.checkpoint, args.image, args.out, seed=args.seed, center=args.center,
                             device=args.device, progress=args.progress)
     if args.progress != "json":
@@ -150,7 +150,7 @@ def _add_sample_data(sub) -> None:
 
 
 def _sample_data(args) -> None:
-    from engine.sample_data import fetch_sample_data
+    from engine.data.samples import fetch_sample_data
     cases = fetch_sample_data(args.out, sdist=args.sdist)
     for case in cases:
         print(f"{case['image']}")
@@ -165,7 +165,7 @@ def _add_info(sub) -> None:
 def _info(args) -> None:
     import json
 
-    from engine.checkpoint import describe_checkpoint
+    from engine.runtime.checkpoint import describe_checkpoint
     print(json.dumps(describe_checkpoint(args.checkpoint), indent=1))
 
 
@@ -212,11 +212,11 @@ def _add_data(sub) -> None:
 
 
 def _data_check(args) -> int:
-    from engine.datacheck import check_dataset, format_report
+    from engine.data.check import check_dataset, format_report
     report = check_dataset(args.path, workers=args.workers)
     print(format_report(report))
     if args.json:
-        from engine.dataset import write_json_atomic
+        from engine.data.labelled import write_json_atomic
         write_json_atomic(report, args.json)
     if report["ok"] < report["cases"]:
         return 1
@@ -224,13 +224,13 @@ def _data_check(args) -> int:
 
 
 def _data_cache(args) -> None:
-    from engine.datacheck import build_cache
+    from engine.data.check import build_cache
     n = build_cache(args.path, args.cache_dir, preset=args.preset, method=args.method, workers=args.workers)
     print(f"cached the preprocessing of {n} volume(s) in {args.cache_dir}")
 
 
 def _data_index(args) -> None:
-    from engine.dataset import index_folder, parse_label_names, write_json_atomic
+    from engine.data.labelled import index_folder, parse_label_names, write_json_atomic
     labels = parse_label_names(args.labels) if args.labels else None
     tree = index_folder(args.folder, args.out, labels=labels, folds=args.folds, seed=args.seed)
     write_json_atomic(tree, args.out)
@@ -263,7 +263,7 @@ def _add_finetune(sub) -> None:
 
 
 def _finetune(args) -> None:
-    from engine.finetune import run_finetune
+    from engine.finetuning.run import run_finetune
     result = run_finetune(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
                           steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder, fold=args.fold,
                           train_cases=args.train_cases, seed=args.seed, resume=args.resume, progress=args.progress,
@@ -299,13 +299,13 @@ def _positive_int(text: str) -> int:
 
 
 def _infer(args) -> None:
-    from engine.inference import dry_run_infer, run_infer
+    from engine.inference.run import dry_run_infer, run_infer
     if args.json and not args.dry_run:
         raise UserError("--json goes with --dry-run (progress as JSON lines: --progress json)")
     if args.dry_run:
         import json
 
-        from engine.preflight_infer import format_dry_run
+        from engine.inference.preflight import format_dry_run
         records = dry_run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
                                 tta=args.tta, device=args.device, overlap=args.overlap,
                                 sw_batch_size=args.sw_batch_size)
@@ -328,7 +328,7 @@ def _add_evaluate(sub) -> None:
 
 
 def _evaluate(args) -> None:
-    from engine.evaluate import format_table, run_evaluate
+    from engine.inference.evaluate import format_table, run_evaluate
     print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))
 
 
@@ -349,7 +349,7 @@ def _add_study(sub) -> None:
 def _study(args) -> None:
     from pathlib import Path
 
-    from engine.study import run_label_efficiency
+    from engine.study.run import run_label_efficiency
     summary = run_label_efficiency(args.config, out=args.out, device=args.device, progress=args.progress,
                                    overrides=parse_sets(args.set))
     if args.progress != "json":
@@ -366,8 +366,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 (CUDA) | off: autocast of every measurement")
 
     def run(args) -> None:
-        from engine.bench import run_bench
-        from engine.bench_report import format_report
+        from engine.bench.report import format_report
+        from engine.bench.run import run_bench
         mode = "tiny" if args.tiny else "quick" if args.quick else "full"
         print(format_report(run_bench(mode, json_out=args.json, amp=args.amp, seg_preset=args.preset)))
     p.set_defaults(func=run)

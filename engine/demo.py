@@ -7,14 +7,14 @@ import json
 import time
 from pathlib import Path
 
-from engine.evaluate import format_table, run_evaluate
-from engine.finetune import run_finetune
-from engine.inference import read_input, run_infer
-from engine.overlay import write_overlay
-from engine.pretrain import CHECKPOINT, run_pretrain
-from engine.reconstruct import run_reconstruct
-from engine.sample_data import DICOM_DIR, fetch_sample_data
-
+from engine.data.samples import DICOM_DIR, fetch_sample_data
+from engine.finetuning.run import run_finetune
+from engine.imageio.volumes import read_input
+from engine.inference.evaluate import format_table, run_evaluate
+from engine.inference.overlay import write_overlay
+from engine.inference.run import run_infer
+from engine.pretraining.reconstruct import run_reconstruct
+from engine.pretraining.run import CHECKPOINT, run_pretrain
 
 DEMO_FINETUNE_STEPS = 150  # the small preset's 300 would double the demo's fine-tuning time
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.config import MaskConfig, masked_count
+from engine.config.pretrain import MaskConfig, masked_count
 
 
 @dataclass

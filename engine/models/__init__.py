@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from engine.config import METHODS, PretrainConfig, check_choice
+from engine.config.pretrain import METHODS, PretrainConfig
+from engine.config.schema import check_choice
 from engine.models.hybrid_encoder import HybridEncoder
 from engine.models.hybridmim import HybridMIMPretrainer
 from engine.models.mim import MiMPretrainer

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from engine.config import EncoderConfig
-from engine.models.hybrid_encoder import HybridEncoder
-from engine.models.segmenter import keep_position_embedding
+from engine.config.sections import EncoderConfig
+from engine.models.hybrid_encoder import HybridEncoder, keep_position_embedding
 
 
 class HybridClassifier(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from engine.config import DecoderConfig
+from engine.config.sections import DecoderConfig
 from engine.models.hybrid_encoder import sincos_embedding, transformer_block
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 
-from engine.config import EncoderConfig
+from engine.config.sections import EncoderConfig
 
 
 def pointwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -234,3 +234,9 @@ def _init_weights(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def keep_position_embedding(encoder: HybridEncoder) -> None:
+    """Make the encoder's position embedding part of its weights, so that one loaded from elsewhere (the authors'
+    layout, interpolated) travels into model.pt; our own checkpoints do not carry it and it stays our sin-cos."""
+    encoder.register_buffer("pos_embed", encoder.pos_embed, persistent=True)

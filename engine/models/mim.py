@@ -7,15 +7,18 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from engine.config import PretrainConfig
-from engine.losses import byol_alignment, ce_alignment, level_weights, pool_blocks, reconstruction_loss
+from engine.config.pretrain import PretrainConfig
+from engine.losses import (
+    byol_alignment,
+    ce_alignment,
+    level_weights,
+    pool_blocks,
+    reconstruction_loss,
+)
 from engine.masking import LevelViews
+from engine.models.blocks import mlp
 from engine.models.decoder import MAEDecoder
 from engine.models.hybrid_encoder import HybridEncoder
-
-
-def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
 @dataclass

@@ -8,16 +8,10 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
-from engine.config import EncoderConfig
-from engine.models.hybrid_encoder import HybridEncoder
+from engine.config.sections import EncoderConfig
+from engine.models.hybrid_encoder import HybridEncoder, keep_position_embedding
 
 NORM = "instance"
-
-
-def keep_position_embedding(encoder: HybridEncoder) -> None:
-    """Make the encoder's position embedding part of its weights, so that one loaded from elsewhere (the authors'
-    layout, interpolated) travels into model.pt; our own checkpoints do not carry it and it stays our sin-cos."""
-    encoder.register_buffer("pos_embed", encoder.pos_embed, persistent=True)
 
 
 class HybridSegmenter(nn.Module):

@@ -1,0 +1,141 @@
+"""The benchmark's targets (issue 8) and its printed table. A target is judged only where the run measured what it
+speaks of: absolute whole-CT figures need the whole CT (not `--quick`'s crop), pre-training targets need the
+`base` preset, and `--tiny` (the test suite's size) judges nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUSY_LOAD = 0.5  # 1-minute load average at the start above which the table warns that the figures are contended
+
+
+@dataclass(frozen=True)
+class Target:
+    label: str
+    section: str  # report section holding `key`
+    key: str
+    limit: float
+    at_most: bool = True
+    unit: str = ""
+    whole_ct: bool = False  # an absolute whole-CT figure: a cropped CT cannot judge it
+    base_preset: bool = False  # a figure of the `base` pre-training preset
+    reference: str = ""  # what the issue compares with
+
+
+TARGETS = (
+    Target("whole CT, ours / SwinUNETR time", "inference", "ours_vs_swinunetr", 0.15, unit="x"),
+    Target("whole CT, ours wall time", "inference", "ours_s", 60.0, unit="s", whole_ct=True),
+    Target("whole CT, ours peak RSS", "inference", "ours_peak_rss_gb", 4.0, unit="GB", whole_ct=True),
+    Target("inference GFLOP/s / GEMM peak", "inference", "ours_gemm_fraction", 0.5, at_most=False,
+           reference="SwinUNETR ~124 fp32, ~172 bf16 vs ~220 / ~860 peak on the issue's machine"),
+    Target("MiM base, 192^3 crop, s/step", "pretrain", "mim_base_step_s", 18.0, unit="s", base_preset=True,
+           reference="authors' code 36.0 s fp32, 26.0 s bf16"),
+    Target("MiM base, peak RSS", "pretrain", "mim_base_peak_rss_gb", 6.0, unit="GB", base_preset=True,
+           reference="authors' code 21.7 GB fp32, 12.2 GB bf16"),
+    Target("HybridMIM UNet, 2x96^3, partial, s/step", "pretrain", "hybridmim_unet_step_s", 8.5, unit="s",
+           base_preset=True, reference="authors' code 17.1 s, 7.1 GB"),
+    Target("fine-tune, preset's whole run (3 cases)", "finetune", "preset_run_s", 600.0, unit="s",
+           reference="to a usable model; quality is the study's question"),
+)
+
+
+def judge_targets(report: dict) -> list[dict]:
+    """One row per target: measured value, limit, met (True / False / None = not judged by this run) and why."""
+    rows = []
+    for t in TARGETS:
+        value = report.get(t.section, {}).get(t.key)
+        why = _not_judged(t, report)
+        met = None if why or value is None else (value <= t.limit if t.at_most else value >= t.limit)
+        rows.append({"target": t.label, "key": f"{t.section}.{t.key}", "value": value,
+                     "limit": f"{'<=' if t.at_most else '>='} {t.limit:g}{t.unit}", "met": met,
+                     "note": why or ("not measured" if value is None else t.reference)})
+    return rows
+
+
+def _not_judged(t: Target, report: dict) -> str:
+    if report["mode"] == "tiny":
+        return "tiny sizes"
+    if t.whole_ct and report["inference"].get("ct", {}).get("cropped"):
+        return "CT cropped (--quick)"
+    if t.base_preset and report["pretrain"].get("preset") != "base":
+        return f"preset {report['pretrain'].get('preset')}, not base"
+    return ""
+
+
+def format_report(report: dict) -> str:
+    """The table printed at the end of a run."""
+    return "\n".join([*_header(report), "", *_inference_table(report["inference"]), "",
+                      *_pretrain_table(report["pretrain"]), "", *_finetune_lines(report["finetune"]), "",
+                      *_target_table(report["targets"])])
+
+
+def _header(report: dict) -> list[str]:
+    m, inf = report["machine"], report["inference"]
+    flags = " ".join(m.get("flags", [])) or "none"
+    lines = [f"MiMSlicer bench ({report['mode']}, commit {report.get('commit')}, {report.get('date')}) on "
+             f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')}, "
+             f"autocast {m.get('autocast_dtype')} (flags: {flags})",
+             f"dense GEMM: fp32 {_num(inf.get('gemm_fp32_gflops'))}, bf16 {_num(inf.get('gemm_bf16_gflops'))} "
+             f"GFLOP/s -> peak {_num(inf.get('gemm_peak_gflops'))}"]
+    if report.get("note"):
+        lines.append(f"NOTE: {report['note']}")
+    load = (m.get("load_avg_start") or [0.0])[0]
+    if load > BUSY_LOAD:
+        lines.append(f"WARNING: load average {load:.2f} when the run started: other work shared the cores, so every "
+                     "figure is slower (and noisier) than this machine can do; rerun on a quiet machine")
+    return lines
+
+
+def _inference_table(inf: dict) -> list[str]:
+    ct = inf.get("ct", {})
+    lines = [f"whole-CT segmentation: {ct.get('name')} {'x'.join(map(str, ct.get('size', [])))} voxels"
+             f"{' (cropped)' if ct.get('cropped') else ''}; {inf.get('preset')} preset, ROI {inf.get('roi')}, "
+             f"overlap {inf.get('overlap')}, window batch {inf.get('sw_batch_size')}, "
+             f"{inf.get('out_channels')} channels",
+             f"  {'contender':<11}{'wall s':>9}{'network s':>11}{'windows':>9}{'GFLOP/win':>11}{'GFLOP/s':>9}"
+             f"{'% peak':>8}{'RSS GB':>8}{'params M':>10}"]
+    peak = inf.get("gemm_peak_gflops") or 0.0
+    for name, r in inf.get("contenders", {}).items():
+        if "error" in r:
+            lines.append(f"  {name:<11}failed: {r['error']}")
+            continue
+        share = f"{100 * r['gflops'] / peak:.0f}" if peak else "-"
+        lines.append(f"  {name:<11}{r['wall_s']:>9.1f}{r['network_s']:>11.1f}{r['windows']:>9}"
+                     f"{r['gflop_per_window']:>11.1f}{r['gflops']:>9.1f}{share:>8}{r['peak_rss_gb']:>8.2f}"
+                     f"{r['params_m']:>10.1f}")
+    return lines
+
+
+def _pretrain_table(pre: dict) -> list[str]:
+    lines = [f"pre-training ({pre.get('preset')} preset, one real CT)",
+             f"  {'run':<28}{'s/step':>9}{'RSS GB':>9}{'crop':>6}{'batch':>7}{'TFLOP':>8}{'GFLOP/s':>9}"
+             "  steps measured"]
+    for name, r in pre.get("runs", {}).items():
+        if "error" in r:
+            lines.append(f"  {name:<28}failed: {r['error']}")
+            continue
+        lines.append(f"  {name:<28}{r['step_s']:>9.2f}{r['peak_rss_gb']:>9.2f}{r['crop']:>6}{r['batch_size']:>7}"
+                     f"{r['step_tflop']:>8.3g}{r['gflops']:>9.1f}  {', '.join(f'{s:.2f}' for s in r['steps_s'])}")
+    return lines
+
+
+def _finetune_lines(ft: dict) -> list[str]:
+    if "error" in ft:
+        return [f"fine-tuning: failed: {ft['error']}"]
+    return [f"fine-tuning ({ft['preset']} preset, ROI {ft['roi']}, {ft['crops_per_step']} crops/step, "
+            f"{ft['cases']} labelled cases): {ft['step_s']:.2f} s/step ({ft['gflops']:.1f} GFLOP/s), "
+            f"{ft['epoch_s']:.1f} s/epoch ({ft['steps_per_epoch']} steps); the preset's {ft['preset_steps']} steps "
+            f"would take {ft['preset_run_s'] / 60:.1f} min"]
+
+
+def _target_table(rows: list[dict]) -> list[str]:
+    lines = [f"targets  {'':<40}{'measured':>10}  {'target':<10}{'met':<5} note"]
+    for r in rows:
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        lines.append(f"         {r['target']:<40}{_num(r['value']):>10}  {r['limit']:<10}{met:<5} {r['note']}")
+    return lines
+
+
+def _num(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"

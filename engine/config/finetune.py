@@ -1,0 +1,139 @@
+"""Typed fine-tuning configuration. A preset has two halves: the encoder comes from the pre-training preset of the
+same name (`configs/<preset>.yaml`), or from the pre-trained checkpoint when there is one; everything else comes
+from `configs/finetune/<preset>.yaml`. Saved with every run and inside model.pt; frozen after loading."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from engine.config.schema import (
+    PRESET_DIR,
+    available_presets,
+    build_dataclass,
+    check_choice,
+    load_preset,
+    merge_trees,
+    to_plain,
+    undot,
+)
+from engine.config.sections import DataConfig, EncoderConfig, TrainConfig
+from engine.errors import UserError
+
+FINETUNE_PRESET_DIR = PRESET_DIR / "finetune"
+TASKS = ("segmentation", "classification")
+BACKBONES = ("hybrid", "swinunetr")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network around the encoder: `hybrid` (our encoder + UNETR decoder) or MONAI `swinunetr`."""
+
+    backbone: str = "hybrid"
+    roi: int = 96  # side of the sliding window and of the training crops, in voxels at data.spacing
+    feature_size: int = 48  # UNETR decoder width (SwinUNETR: also its embedding width)
+    head_dropout: float = 0.0  # classification head
+
+    def validate(self, patch_size: int) -> None:
+        check_choice("model.backbone", self.backbone, BACKBONES)
+        if self.backbone == "hybrid" and self.roi % patch_size:
+            raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}")
+        if self.backbone == "swinunetr":
+            if self.roi % 32 or self.roi < 64:
+                raise UserError(f"SwinUNETR needs model.roi divisible by 32 and at least 64, got {self.roi} "
+                                "(e.g. --set model.roi=64)")
+            if self.feature_size % 12:
+                raise UserError(f"SwinUNETR needs model.feature_size divisible by 12, got {self.feature_size}")
+        if self.feature_size < 1:
+            raise UserError(f"model.feature_size must be positive, got {self.feature_size}")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    """Random training crops of side model.roi, centred on foreground with probability pos / (pos + neg)."""
+
+    samples: int = 2  # crops per volume per step
+    pos: float = 1.0
+    neg: float = 1.0
+
+    def validate(self) -> None:
+        if self.samples < 1 or self.pos < 0 or self.neg < 0 or self.pos + self.neg == 0:
+            raise UserError(f"crop needs samples >= 1 and pos, neg >= 0 (not both 0), got {self}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Light augmentation: probabilities of a flip per axis, a 90-degree rotation, an intensity scale/shift."""
+
+    flip: float = 0.2
+    rotate90: float = 0.2
+    intensity: float = 0.5
+    intensity_amount: float = 0.1  # scale by 1 +- a, shift by +- a (intensities are windowed to [0, 1])
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every: int = 100  # optimiser steps between validations (and always after the last step)
+    overlap: float = 0.5  # sliding-window overlap
+    sw_batch_size: int = 2
+
+    def validate(self) -> None:
+        if self.every < 1 or not 0.0 <= self.overlap < 1.0 or self.sw_batch_size < 1:
+            raise UserError(f"val needs every >= 1, 0 <= overlap < 1, sw_batch_size >= 1; got {self}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    task: str = "segmentation"
+    preset: str = "base"
+    freeze_encoder: bool = False
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    crop: CropConfig = field(default_factory=CropConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    val: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "FinetuneConfig":
+        check_choice("task", self.task, TASKS)
+        self.encoder.validate()
+        self.model.validate(self.encoder.patch_size)
+        self.crop.validate()
+        self.val.validate()
+        self.train.validate()
+        if len(self.data.spacing) != 3 or min(self.data.spacing) <= 0:
+            raise UserError(f"data.spacing needs 3 positive values in mm, got {self.data.spacing}")
+        lo, hi = self.data.hu_window
+        if hi <= lo:
+            raise UserError(f"data.hu_window must be [low, high] with low < high, got {self.data.hu_window}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_plain(dataclasses.asdict(self))
+
+
+def load_finetune_preset(name: str) -> dict[str, Any]:
+    presets = sorted(p.stem for p in FINETUNE_PRESET_DIR.glob("*.yaml"))
+    if name not in presets:
+        check_choice("preset", name, tuple(presets))
+    with open(FINETUNE_PRESET_DIR / f"{name}.yaml") as f:
+        return yaml.safe_load(f) or {}
+
+
+def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict | None = None,
+                          overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """Fine-tune preset, the encoder (the checkpoint's if given, else the pre-training preset's), then overrides."""
+    if preset not in available_presets():
+        check_choice("preset", preset, tuple(available_presets()))
+    tree = load_finetune_preset(preset)
+    tree["encoder"] = dict(encoder) if encoder is not None else load_preset(preset).get("encoder", {})
+    tree = merge_trees(tree, undot(overrides or {}))
+    tree["task"], tree["preset"] = task, preset
+    return finetune_config_from_dict(tree).validate()
+
+
+def finetune_config_from_dict(tree: dict[str, Any]) -> FinetuneConfig:
+    return build_dataclass(FinetuneConfig, tree, "")

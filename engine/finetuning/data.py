@@ -1,0 +1,111 @@
+"""Fine-tuning data: cases read onto the model grid (`geometry.to_model_grid`, the same path inference takes),
+cached in memory, then random foreground-weighted crops with light augmentation."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import torch
+from monai import transforms as T
+from monai.data import CacheDataset, DataLoader
+
+from engine.config.finetune import FinetuneConfig
+from engine.imageio.geometry import (
+    body_level,
+    image_array,
+    label_to_grid,
+    to_model_grid,
+    window,
+)
+from engine.imageio.volumes import array_xyz, read_image
+from engine.runtime.distributed import ShardSampler
+from engine.training.loop import cycle
+
+IMAGE, LABEL = "image", "label"
+
+
+class LoadCase:
+    """{"image": path[, "label": path]} -> windowed image [1, X, Y, Z] in [0, 1] and label channel indices
+    [1, X, Y, Z] on the model grid (label values mapped to 0..K-1 in the order of `label_values`)."""
+
+    def __init__(self, spacing, hu_window, label_values: list[int] | None = None):
+        self.spacing, self.hu_window = tuple(spacing), tuple(hu_window)
+        self.lut = None
+        if label_values is not None:
+            self.lut = np.zeros(max(label_values) + 1, dtype=np.float32)
+            self.lut[np.asarray(label_values)] = np.arange(len(label_values), dtype=np.float32)
+
+    def __call__(self, item: dict) -> dict:
+        out = dict(item)
+        grid = to_model_grid(read_image(item[IMAGE]), self.spacing)
+        out[IMAGE] = window(image_array(grid), self.hu_window)[None]
+        if self.lut is not None and isinstance(item.get(LABEL), str):
+            values = array_xyz(label_to_grid(read_image(item[LABEL]), grid), np.int64)
+            known = (values >= 0) & (values < len(self.lut))  # undeclared values (refused by verify_cases) -> 0
+            out[LABEL] = np.where(known, self.lut[np.clip(values, 0, len(self.lut) - 1)], 0.0)[None]
+        return out
+
+
+def _denser_than(x, level: float):
+    return x > level
+
+
+def _crop_body(keys, hu_window) -> T.CropForegroundd:
+    return T.CropForegroundd(keys, source_key=IMAGE, select_fn=partial(_denser_than, level=body_level(hu_window)),
+                             margin=2, allow_smaller=True)
+
+
+def segmentation_transforms(cfg: FinetuneConfig, label_values: list[int], train: bool) -> T.Compose:
+    keys, roi, a = [IMAGE, LABEL], (cfg.model.roi,) * 3, cfg.augment
+    steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window, label_values), _crop_body(keys, cfg.data.hu_window),
+             T.EnsureTyped(keys, dtype=torch.float32, track_meta=False)]
+    if not train:
+        return T.Compose(steps)
+    steps += [
+        T.SpatialPadd(keys, spatial_size=roi, mode="constant"),
+        T.RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=roi, pos=cfg.crop.pos, neg=cfg.crop.neg,
+                                 num_samples=cfg.crop.samples, image_key=IMAGE,
+                                 image_threshold=body_level(cfg.data.hu_window)),
+        *(T.RandFlipd(keys, prob=a.flip, spatial_axis=axis) for axis in range(3)),
+        T.RandRotate90d(keys, prob=a.rotate90, max_k=3, spatial_axes=(0, 1)),
+        T.RandScaleIntensityd(IMAGE, factors=a.intensity_amount, prob=a.intensity),
+        T.RandShiftIntensityd(IMAGE, offsets=a.intensity_amount, prob=a.intensity),
+    ]
+    return T.Compose(steps)
+
+
+def classification_transforms(cfg: FinetuneConfig, train: bool) -> T.Compose:
+    """The body, resized whole to ROI^3 (the classifier sees the full field of view)."""
+    roi, a = (cfg.model.roi,) * 3, cfg.augment
+    steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window), _crop_body([IMAGE], cfg.data.hu_window),
+             T.Resized(IMAGE, spatial_size=roi, mode="trilinear"),
+             T.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False)]
+    if train:
+        steps += [*(T.RandFlipd(IMAGE, prob=a.flip, spatial_axis=axis) for axis in range(3)),
+                  T.RandScaleIntensityd(IMAGE, factors=a.intensity_amount, prob=a.intensity),
+                  T.RandShiftIntensityd(IMAGE, offsets=a.intensity_amount, prob=a.intensity)]
+    return T.Compose(steps)
+
+
+def steps_per_epoch(n_cases: int, batch_size: int) -> int:
+    """Optimiser steps for every training case to be drawn once."""
+    return math.ceil(n_cases / batch_size)
+
+
+def cached(items: list[dict], transform: T.Compose) -> CacheDataset:
+    """Everything before the first random transform is computed once and kept in memory."""
+    return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+
+
+def endless_batches(dataset, cfg: FinetuneConfig, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator:
+    """Shuffled batches forever (reseeded per epoch), resuming in the epoch that `start_step` falls in. Under
+    torchrun, `shard` = (rank, world size): each rank draws from its own share of the cases every epoch."""
+    rank, world = shard
+    generator = torch.Generator().manual_seed(cfg.train.seed + rank)
+    sampler = ShardSampler(len(dataset), rank, world, seed=cfg.train.seed) if world > 1 else None
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
+                        drop_last=False, num_workers=0, generator=generator)
+    epoch = start_step // steps_per_epoch(len(dataset), cfg.data.batch_size)
+    return cycle(loader, cfg.train.seed, start_epoch=epoch)

@@ -1,0 +1,95 @@
+"""The segmentation task of fine-tuning: network, batches, DiceCE step, sliding-window validation (mean Dice per
+label), and what model.pt must carry to be used without this code (labels, spacing, window, ROI)."""
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+
+from engine.config.finetune import FinetuneConfig
+from engine.data.labelled import CaseSelection, LabelledDataset, verify_cases
+from engine.finetuning.data import (
+    IMAGE,
+    LABEL,
+    cached,
+    endless_batches,
+    segmentation_transforms,
+)
+from engine.inference.run import sliding_window_probabilities
+from engine.models.segmenter import build_segmenter
+
+
+class SegmentationTask:
+    kind = "segmentation"
+
+    def __init__(self, cfg: FinetuneConfig, dataset: LabelledDataset, cases: CaseSelection):
+        self.cfg, self.cases = cfg, cases
+        self.labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))  # channel k = k-th value
+        self.values = list(self.labels.values())
+        self._validation = None
+        self.shard = (0, 1)  # (rank, world size) under torchrun
+
+    def check_data(self) -> None:
+        verify_cases(self.cases.training + self.cases.validation, self.labels)
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return build_segmenter(m.backbone, self.cfg.encoder, m.roi, len(self.labels), m.feature_size)
+
+    def batches(self, start_step: int) -> Iterator:
+        dataset = cached(self.cases.training, segmentation_transforms(self.cfg, self.values, train=True))
+        return endless_batches(dataset, self.cfg, start_step, self.shard)
+
+    def step_fn(self, model: nn.Module, device: torch.device):
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def step(batch, progress):
+            x, y = _tensor(batch[IMAGE]).to(device), _tensor(batch[LABEL]).to(device)  # [B, 1, R, R, R] each
+            loss = loss_fn(model(x).float(), y)
+            yield {"loss": loss}, loss
+        return step
+
+    def validate(self, model: nn.Module, device: torch.device, amp) -> dict[str, float]:
+        """Sliding-window Dice per label on the validation cases (model grid), and their mean."""
+        if self._validation is None:
+            transform = segmentation_transforms(self.cfg, self.values, train=False)
+            self._validation = cached(self.cases.validation, transform)
+        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        n = len(self.labels)
+        for item in self._validation:
+            probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
+                                                 self.cfg.val.overlap, self.cfg.val.sw_batch_size, device, amp)
+            pred = one_hot(probs.argmax(0)[None, None], n)
+            metric(pred, one_hot(_tensor(item[LABEL])[None].long(), n))
+        per_label = metric.aggregate().cpu().numpy()
+        model.train()
+        return dice_metrics(per_label, list(self.labels)[1:])
+
+    @staticmethod
+    def score(metrics: dict[str, float]) -> float:
+        """What chooses the best model: the mean Dice over labels."""
+        return metrics["val_mean_dice"]
+
+    def model_extra(self) -> dict:
+        d = self.cfg.data
+        return {"labels": self.labels, "spacing": list(d.spacing), "hu_window": list(d.hu_window),
+                "roi": self.cfg.model.roi}
+
+
+def dice_metrics(per_label: np.ndarray, names: list[str]) -> dict[str, float]:
+    """{"val_mean_dice": mean over labels present, "dice/<name>": ...}; NaN where a label never appears."""
+    values = [float(v) for v in per_label]
+    finite = [v for v in values if math.isfinite(v)]
+    metrics = {"val_mean_dice": float(np.mean(finite)) if finite else float("nan")}
+    metrics.update({f"dice/{name}": round(v, 6) if math.isfinite(v) else v for name, v in zip(names, values)})
+    return metrics
+
+
+def _tensor(x) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(np.asarray(x))

@@ -1,0 +1,286 @@
+"""Pre-trained weights from three families, loaded into a fine-tuning model with an exact key report.
+
+- `mimslicer`: our pre-training checkpoints (MiM / MAE: `encoder.*`; HybridMIM on the hybrid encoder:
+  `backbone.encoder.*`) and our fine-tuned `model.pt` files. The encoder config comes with them.
+- `mim-authors`: the MiM authors' `ckpt["model"]` of `MaskedAutoencoderConvViT3d` (keys without prefix:
+  `patch_embed1..4`, `blocks1..4`, `stage1..3_output_decode`, `norm`, `pos_embed`, plus MAE-decoder and
+  alignment heads). Their file pickles an argparse Namespace: it is read with torch's weights-only unpickler and
+  an allow-list of exactly that class, never with `weights_only=False`.
+- `swinunetr-ssl`: MONAI's SwinUNETR-SSL `model_swinvit.pt` (`state_dict` with `module.`-prefixed Swin-ViT keys).
+  It feeds MONAI's `SwinUNETR` (backbone `swinunetr`), under `swinViT.`; the SSL heads are ignored.
+
+Every load asserts that the missing keys are exactly the model's new (non-encoder) weights and that nothing is
+unexpected (METHOD 1.4), after position-embedding interpolation and first-conv channel repeat."""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import UserError
+from engine.runtime.checkpoint import FORMAT
+
+ALLOWED_GLOBALS = [argparse.Namespace]  # the only class the authors' checkpoint pickles besides tensors
+AUTHORS_DEFAULT_HEADS = 12  # their builder's num_heads (not derivable from weight shapes)
+
+# the authors' encoder key -> ours (regex over the whole key; \1, \2 are stage / block indices)
+AUTHORS_KEY_MAP = [
+    (r"patch_embed([1-4])\.proj\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.proj.{m[2]}"),
+    (r"patch_embed([1-4])\.norm\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.norm.norm.{m[2]}"),
+    (r"stage([1-3])_output_decode\.(weight|bias)", lambda m: f"stage_proj.{int(m[1]) - 1}.{m[2]}"),
+    (r"blocks([1-3])\.(\d+)\.(norm1|norm2)\.(weight|bias)",
+     lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.norm.{m[4]}"),
+    (r"blocks([1-3])\.(\d+)\.(conv1|conv2)\.(weight|bias)",
+     lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.{m[4]}"),
+    (r"blocks([1-3])\.(\d+)\.attn\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.dwconv.{m[3]}"),
+    (r"blocks([1-3])\.(\d+)\.mlp\.fc1\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.mlp.0.{m[3]}"),
+    (r"blocks([1-3])\.(\d+)\.mlp\.fc2\.(weight|bias)", lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.mlp.3.{m[3]}"),
+    (r"blocks4\.(\d+)\.(norm1|norm2|attn\.qkv)\.(weight|bias)", lambda m: f"blocks.{m[1]}.{m[2]}.{m[3]}"),
+    (r"blocks4\.(\d+)\.attn\.proj\.(weight|bias)", lambda m: f"blocks.{m[1]}.attn.out_proj.{m[2]}"),
+    (r"blocks4\.(\d+)\.mlp\.fc1\.(weight|bias)", lambda m: f"blocks.{m[1]}.mlp.linear1.{m[2]}"),
+    (r"blocks4\.(\d+)\.mlp\.fc2\.(weight|bias)", lambda m: f"blocks.{m[1]}.mlp.linear2.{m[2]}"),
+    (r"norm\.(weight|bias)", lambda m: f"norm.{m[1]}"),
+    (r"pos_embed", lambda m: "pos_embed"),
+]
+AUTHORS_PRETRAIN_ONLY = ("decoder_", "mask_token", "aggregate_")
+AUTHORS_NO_COUNTERPART = {
+    "patch_embed5.": "their Linear after the last patch embedding has no counterpart in our encoder (dropped)",
+}
+SWIN_PRETRAIN_ONLY = ("rotation_", "contrastive_", "conv.", "norm.")
+
+
+@dataclass
+class PretrainedWeights:
+    """Source weights already renamed into the model's namespace (`encoder.*` or `swinViT.*`)."""
+
+    family: str
+    path: str
+    state: dict[str, torch.Tensor]
+    backbone: str  # hybrid | swinunetr: which network these weights feed
+    encoder: dict | None = None  # encoder config implied by the weights (hybrid)
+    feature_size: int | None = None  # SwinUNETR embedding width
+    ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
+    dropped: list[str] = field(default_factory=list)  # encoder keys our architecture has no place for
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class KeyReport:
+    source: str
+    family: str
+    loaded: list[str]
+    missing: list[str]  # model keys left at their initial values: exactly the new (non-encoder) weights
+    unexpected: list[str]  # always empty after a successful load
+    ignored: list[str]
+    dropped: list[str]
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def summary(self) -> str:
+        new = [k for k in self.missing if not k.endswith("pos_embed")]  # a fixed embedding is rebuilt, not trained
+        lines = [f"pre-trained weights: {self.source} ({self.family})",
+                 f"  loaded {len(self.loaded)} encoder tensors",
+                 f"  new (trained from scratch) {len(new)}: {_groups(new)}",
+                 f"  ignored (pre-training only) {len(self.ignored)}: {_groups(self.ignored)}"]
+        if self.dropped:
+            lines.append(f"  dropped (no counterpart) {len(self.dropped)}: {_groups(self.dropped)}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _groups(keys: list[str]) -> str:
+    counts = Counter(k.split(".")[0] for k in keys)
+    return ", ".join(f"{name}.* ({n})" for name, n in sorted(counts.items())) or "none"
+
+
+def read_weights_file(path: str | Path) -> dict:
+    """torch.load with the weights-only unpickler, allowing argparse.Namespace and nothing else."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError... for foreign, unsafe or broken files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: refused to load (only tensors, plain data and argparse.Namespace are allowed): "
+                        f"{first[:300]}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+    return obj
+
+
+def read_pretrained(path: str | Path) -> PretrainedWeights:
+    """Read a weights file of any supported family and rename its encoder keys into our namespace."""
+    obj = read_weights_file(path)
+    if obj.get("format") == FORMAT:
+        return ours_key_map(obj, str(path))
+    state = _state_dict(obj)
+    if "patch_embed1.proj.weight" in state:
+        return authors_key_map(state, obj.get("args"), str(path))
+    if any(_swin_name(k).startswith(("patch_embed.", "layers1.")) for k in state):
+        return swin_key_map(state, str(path))
+    raise UserError(f"{path}: not a MiMSlicer, MiM-authors or SwinUNETR-SSL checkpoint "
+                    f"(first keys: {', '.join(list(state)[:4]) or 'none'})")
+
+
+def _state_dict(obj: dict) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "net", "network"):
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
+    config, state = ckpt.get("config") or {}, ckpt["model"]
+    if config.get("method") == "hybridmim" and (config.get("hybridmim") or {}).get("backbone") == "unet":
+        raise UserError(f"{path}: a HybridMIM checkpoint on the UNet backbone has no hybrid encoder to fine-tune; "
+                        "pre-train with --set hybridmim.backbone=hybrid, or use method mim / mae")
+    prefix = next((p for p in ("encoder.", "backbone.encoder.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None or "encoder" not in config:
+        raise UserError(f"{path}: this {ckpt.get('kind')} checkpoint holds no hybrid encoder weights")
+    # our position embedding is always the fixed sin-cos, rebuilt for any token grid: never carried over
+    mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items()
+              if k.startswith(prefix) and k != prefix + "pos_embed"}
+    ignored = [k for k in state if not k.startswith(prefix) or k == prefix + "pos_embed"]
+    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored)
+
+
+def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
+    mapped, ignored, dropped = {}, [], []
+    for key, value in state.items():
+        ours = _authors_name(key)
+        if ours is not None:
+            mapped["encoder." + ours] = value
+        elif key.startswith(AUTHORS_PRETRAIN_ONLY):
+            ignored.append(key)
+        elif key.startswith(tuple(AUTHORS_NO_COUNTERPART)):
+            dropped.append(key)
+        else:
+            raise UserError(f"{path}: unexpected key '{key}' for a MiM-authors checkpoint (no key map for it)")
+    notes = sorted({why for key in dropped for p, why in AUTHORS_NO_COUNTERPART.items() if key.startswith(p)})
+    notes.append("their patch embeddings end with a GELU that ours lack; fine-tuning adapts the first layers")
+    encoder = authors_encoder_config(state, args)
+    return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored,
+                             dropped=dropped, notes=notes)
+
+
+def _authors_name(key: str) -> str | None:
+    for pattern, rename in AUTHORS_KEY_MAP:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return rename(match)
+    return None
+
+
+def authors_encoder_config(state: dict, args) -> dict:
+    """Dims, strides, depths, kernel and MLP ratio from the weight shapes; heads from their args (default 12)."""
+    embeds = [state[f"patch_embed{i}.proj.weight"] for i in range(1, 5)]
+    dims = [int(w.shape[0]) for w in embeds]
+    depths = [len({k.split(".")[1] for k in state if k.startswith(f"blocks{s}.")}) for s in range(1, 5)]
+    ratios = {round(state[f"blocks{s}.0.mlp.fc1.weight"].shape[0] / dims[s - 1], 4)
+              for s in range(1, 5) if depths[s - 1]}
+    if len(ratios) != 1:
+        raise UserError(f"MiM-authors checkpoint: MLP ratios differ between stages ({sorted(ratios)}); ours share one")
+    return {"in_channels": int(embeds[0].shape[1]), "dims": dims, "depths": depths,
+            "strides": [int(w.shape[2]) for w in embeds],
+            "num_heads": int(getattr(args, "num_heads", AUTHORS_DEFAULT_HEADS)), "mlp_ratio": float(ratios.pop()),
+            "conv_kernel": int(state["blocks1.0.attn.weight"].shape[-1]), "dropout": 0.0}
+
+
+def _swin_name(key: str) -> str:
+    for prefix in ("module.", "swinViT.", "swin_vit."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+
+
+def swin_key_map(state: dict, path: str) -> PretrainedWeights:
+    mapped, ignored = {}, []
+    for key, value in state.items():
+        name = _swin_name(key)
+        if name.startswith(("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")):
+            mapped["swinViT." + name] = value
+        elif name.startswith(SWIN_PRETRAIN_ONLY):
+            ignored.append(key)
+        else:
+            raise UserError(f"{path}: unexpected key '{key}' for a SwinUNETR-SSL checkpoint")
+    width = int(mapped["swinViT.patch_embed.proj.weight"].shape[0])
+    return PretrainedWeights("swinunetr-ssl", path, mapped, "swinunetr", feature_size=width, ignored=ignored)
+
+
+def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> KeyReport:
+    """Load `weights` into `model`'s encoder; raise a UserError unless the key report is exactly as expected."""
+    prefix = model.encoder_prefix
+    target = model.state_dict()
+    state = adapt_shapes(dict(weights.state), target, prefix)
+    wrong = [k for k in state if k in target and state[k].shape != target[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{weights.path}: '{k}' is {list(state[k].shape)} in the checkpoint but "
+                        f"{list(target[k].shape)} in the model ({len(wrong)} such); the encoder settings differ from the checkpoint's")
+    result = model.load_state_dict(state, strict=False)
+    expected_missing = {k for k in target if not k.startswith(prefix)}
+    if prefix + "pos_embed" in target and prefix + "pos_embed" not in state:
+        expected_missing.add(prefix + "pos_embed")  # our fixed sin-cos, rebuilt for the fine-tuning grid
+    _assert_exact(weights.path, set(result.missing_keys), expected_missing, result.unexpected_keys)
+    loaded = sorted(k for k in state if k in target)
+    notes = list(weights.notes)
+    if prefix + "pos_embed" in expected_missing:
+        notes.append("position embedding: fixed 3D sin-cos built for the fine-tuning token grid")
+    return KeyReport(weights.path, weights.family, loaded, sorted(result.missing_keys), [],
+                     sorted(weights.ignored), sorted(weights.dropped), notes)
+
+
+def _assert_exact(path: str, missing: set[str], expected: set[str], unexpected: list[str]) -> None:
+    if unexpected:
+        raise UserError(f"{path}: {len(unexpected)} encoder weight(s) have no place in the model, first: "
+                        f"{sorted(unexpected)[0]}; the encoder settings differ from the checkpoint's")
+    lacking = sorted(missing - expected)
+    if lacking:
+        raise UserError(f"{path}: the checkpoint lacks {len(lacking)} encoder weight(s), first: {lacking[0]}")
+    if missing != expected:  # a new-head key was overwritten: the source holds non-encoder keys
+        raise UserError(f"{path}: loaded weights outside the encoder: {sorted(expected - missing)[:3]}")
+
+
+def adapt_shapes(state: dict, target: dict, prefix: str) -> dict:
+    """Interpolate a position embedding to the model's token grid; repeat a 1-channel first conv over channels."""
+    pos = prefix + "pos_embed"
+    if pos in state and pos in target and state[pos].shape != target[pos].shape:
+        state[pos] = interpolate_pos_embed(state[pos], target[pos].shape[1])
+    for first in (prefix + "embeds.0.proj.weight", prefix + "patch_embed.proj.weight"):
+        if first in state and first in target and state[first].shape[1] != target[first].shape[1]:
+            state[first] = repeat_first_conv(state[first], target[first].shape[1])
+    return state
+
+
+def interpolate_pos_embed(pos: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """[1, g^3, C] -> [1, n_tokens, C] by trilinear interpolation on the cubic token grid."""
+    g_old, g_new = round(pos.shape[1] ** (1 / 3)), round(n_tokens ** (1 / 3))
+    if g_old**3 != pos.shape[1] or g_new**3 != n_tokens:
+        raise UserError(f"position embedding: {pos.shape[1]} -> {n_tokens} tokens is not a cubic grid change")
+    grid = pos.reshape(1, g_old, g_old, g_old, -1).permute(0, 4, 1, 2, 3).float()  # [1, C, g, g, g]
+    grid = F.interpolate(grid, size=(g_new,) * 3, mode="trilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 4, 1).reshape(1, n_tokens, -1).to(pos.dtype)
+
+
+def repeat_first_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """[O, 1, k, k, k] -> [O, channels, k, k, k], scaled by 1/channels (same response to a repeated input)."""
+    if weight.shape[1] != 1:
+        raise UserError(f"first conv has {weight.shape[1]} input channels; only a 1-channel conv expands to {channels}")
+    return weight.repeat(1, channels, 1, 1, 1) / channels
+
+
+def freeze(model: nn.Module) -> None:
+    """--freeze-encoder: only the new head trains."""
+    for name, p in model.named_parameters():
+        if name.startswith(model.encoder_prefix):
+            p.requires_grad_(False)

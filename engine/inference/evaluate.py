@@ -1,0 +1,186 @@
+"""Dice and HD95 (mm) per label between predicted and reference labelmaps; a table for people and JSON for
+programs. A label absent from both volumes is reported as absent (null), not as 1 or 0.
+
+Dice is MONAI's `compute_dice`. HD95 follows MONAI's `compute_hausdorff_distance(percentile=95)` definition
+(surface voxels = mask minus its 6-connected erosion; the larger of the two directed 95th percentiles of
+surface-to-surface distances, in mm) but uses SimpleITK's Maurer distance map, since MONAI's needs scipy."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.metrics import compute_dice
+
+from engine.data.labelled import case_name, write_json_atomic
+from engine.errors import UserError
+from engine.imageio.labelmap import sidecar_path
+from engine.imageio.volumes import is_volume_file, read_image
+
+GRID_TOLERANCE = 1e-3
+
+
+def label_scores(pred: np.ndarray, ref: np.ndarray, value: int, spacing) -> dict:
+    """Dice and HD95 of one label value in two [z, y, x] (or any 3D) arrays on the same grid."""
+    p, r = pred == value, ref == value
+    scores = {"pred_voxels": int(p.sum()), "ref_voxels": int(r.sum()), "dice": None, "hd95": None}
+    if not p.any() and not r.any():
+        return scores  # absent from both: no score
+    box = _union_box(p, r)
+    p, r = np.ascontiguousarray(p[box]), np.ascontiguousarray(r[box])
+    p_t, r_t = (torch.from_numpy(m)[None, None].float() for m in (p, r))
+    scores["dice"] = float(compute_dice(p_t, r_t, include_background=True, ignore_empty=False)[0, 0])
+    if p.any() and r.any():
+        scores["hd95"] = hausdorff95(p, r, spacing)
+    return scores
+
+
+def hausdorff95(p: np.ndarray, r: np.ndarray, spacing) -> float:
+    """Symmetric 95th-percentile surface distance (mm) of two non-empty boolean arrays; `spacing` per array axis."""
+    p_edge, r_edge = _surface(p), _surface(r)
+    to_r = _distance_to(r_edge, spacing)[p_edge]
+    to_p = _distance_to(p_edge, spacing)[r_edge]
+    return float(max(np.percentile(to_r, 95), np.percentile(to_p, 95)))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    image = sitk.GetImageFromArray(mask.astype(np.uint8))
+    eroded = sitk.BinaryErode(image, [1, 1, 1], sitk.sitkCross, 0, 1, False)  # voxels outside count as background
+    return mask & ~sitk.GetArrayViewFromImage(eroded).astype(bool)
+
+
+def _distance_to(edge: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) from every voxel to the nearest voxel of `edge` (0 on it)."""
+    image = sitk.GetImageFromArray(edge.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in reversed(spacing)))  # array axes are SimpleITK's reversed
+    dist = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    return np.maximum(sitk.GetArrayFromImage(dist), 0.0)
+
+
+def _union_box(p: np.ndarray, r: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
+    idx = np.argwhere(p | r)
+    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + 1 + margin, p.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def evaluate_images(pred: sitk.Image, ref: sitk.Image, labels: dict[str, int]) -> dict[str, dict]:
+    check_same_grid(pred, ref)
+    p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)  # [z, y, x]
+    spacing = tuple(reversed(ref.GetSpacing()))  # matches the [z, y, x] axes
+    return {name: label_scores(p, r, value, spacing) for name, value in labels.items() if value != 0}
+
+
+def check_same_grid(pred: sitk.Image, ref: sitk.Image) -> None:
+    if pred.GetSize() != ref.GetSize():
+        raise UserError(f"prediction size {pred.GetSize()} differs from the reference's {ref.GetSize()}")
+    for what in ("Spacing", "Origin", "Direction"):
+        a, b = getattr(pred, f"Get{what}")(), getattr(ref, f"Get{what}")()
+        if not np.allclose(a, b, atol=GRID_TOLERANCE):
+            raise UserError(f"prediction {what.lower()} {np.round(a, 4).tolist()} differs from the reference's "
+                            f"{np.round(b, 4).tolist()}; both must lie on the same grid")
+
+
+def resolve_labels(labels_path: str | None, pred_path: Path, ref: sitk.Image, pred: sitk.Image) -> dict[str, int]:
+    """Names from --labels (a dataset.json or a sidecar), else the prediction's sidecar, else 'label_<value>'."""
+    if labels_path:
+        if not Path(labels_path).is_file():
+            raise UserError(f"{labels_path}: no such labels file")
+        names = _names_in(Path(labels_path))
+        if not names:
+            raise UserError(f"{labels_path}: no 'labels' mapping such as {{\"liver\": 1}}")
+        return names
+    sidecar = _sidecar(pred_path)
+    names = _names_in(sidecar) if sidecar is not None and sidecar.is_file() else {}
+    if names:
+        return names
+    values = set(np.unique(sitk.GetArrayViewFromImage(ref))) | set(np.unique(sitk.GetArrayViewFromImage(pred)))
+    return {f"label_{int(v)}": int(v) for v in sorted(values) if v != 0}
+
+
+def _names_in(path: Path) -> dict[str, int]:
+    """Foreground {name: value} of a JSON's 'labels' (nnU-Net {"liver": 1} or decathlon {"1": "liver"})."""
+    try:
+        names = json.loads(path.read_text()).get("labels")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{path}: not a readable JSON with 'labels'") from None
+    if not isinstance(names, dict):
+        return {}
+    if all(str(k).isdigit() for k in names):
+        names = {v: int(k) for k, v in names.items()}
+    return {str(k): int(v) for k, v in names.items() if int(v) != 0}
+
+
+def _sidecar(path: Path) -> Path | None:
+    try:
+        return sidecar_path(path)
+    except UserError:
+        return None
+
+
+def pair_files(pred: Path, ref: Path) -> list[tuple[str, Path, Path]]:
+    """(case, prediction, reference): two files, or two folders matched by case name."""
+    if pred.is_file() and ref.is_file():
+        return [(case_name(ref), pred, ref)]
+    if pred.is_dir() and ref.is_dir():
+        refs = {case_name(p): p for p in sorted(ref.iterdir()) if is_volume_file(p)}
+        pairs = [(case_name(p), p, refs[case_name(p)]) for p in sorted(pred.iterdir())
+                 if is_volume_file(p) and case_name(p) in refs]
+        if not pairs:
+            raise UserError(f"no prediction in {pred} matches a reference in {ref} by case name")
+        return pairs
+    for path in (pred, ref):
+        if not path.exists():
+            raise UserError(f"{path}: no such file or folder")
+    raise UserError("--pred and --ref must both be files or both be folders")
+
+
+def run_evaluate(pred: str | os.PathLike, ref: str | os.PathLike, labels: str | None = None,
+                 out: str | os.PathLike | None = None) -> dict:
+    cases = {}
+    names: dict[str, int] = {}
+    for case, p_path, r_path in pair_files(Path(pred), Path(ref)):
+        p_img, r_img = read_image(p_path), read_image(r_path)
+        names = resolve_labels(labels, p_path, r_img, p_img)
+        cases[case] = evaluate_images(p_img, r_img, names)
+    result = {"labels": names, "cases": cases, "mean": _means(cases)}
+    if out:
+        write_json_atomic(_json_safe(result), out)
+    return result
+
+
+def _means(cases: dict) -> dict:
+    means = {}
+    for name in {n for scores in cases.values() for n in scores}:
+        for metric in ("dice", "hd95"):
+            vals = [s[name][metric] for s in cases.values() if name in s and s[name][metric] is not None]
+            means.setdefault(name, {})[metric] = float(np.mean(vals)) if vals else None
+    return means
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def format_table(result: dict) -> str:
+    rows = [("case", "label", "Dice", "HD95 mm", "ref vox", "pred vox")]
+    for case, scores in result["cases"].items():
+        for name, s in scores.items():
+            rows.append((case, name, _fmt(s["dice"], "absent"), _fmt(s["hd95"]), str(s["ref_voxels"]),
+                         str(s["pred_voxels"])))
+    for name in result["labels"]:
+        s = result["mean"].get(name, {"dice": None, "hd95": None})
+        rows.append(("mean", name, _fmt(s["dice"], "absent"), _fmt(s["hd95"]), "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _fmt(value, missing: str = "n/a") -> str:
+    return missing if value is None else f"{value:.4f}" if math.isfinite(value) else str(value)

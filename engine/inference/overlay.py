@@ -1,0 +1,75 @@
+"""A segmentation a person can judge at a glance: axial CT slices with reference (dashed) and predicted (solid)
+contours per label, radiological convention (patient's right on the left, anterior up)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from engine.imageio.volumes import read_image  # noqa: E402
+
+COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def write_overlay(ct: sitk.Image, pred_path: str | Path, ref_path: str | Path | None, labels: dict[str, int],
+                  out: str | Path, dice: dict[str, float] | None = None, slices: int = 3) -> Path:
+    """ct: the CT as read; pred/ref: labelmaps on its grid. Slices through the reference (or prediction)."""
+    ct_lps = _lps(ct)
+    pred = _lps(read_image(pred_path))
+    ref = _lps(read_image(ref_path)) if ref_path else None
+    ks = _pick_slices(ref if ref is not None else pred, slices)
+    fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4.6), squeeze=False, facecolor="black")
+    for ax, k in zip(axes[0], ks):
+        ax.imshow(_axial(ct_lps, k), cmap="gray", vmin=-160, vmax=240, interpolation="bilinear",
+                  aspect=_aspect(ct))
+        for i, (name, value) in enumerate(sorted(labels.items(), key=lambda kv: kv[1])):
+            colour = COLOURS[i % len(COLOURS)]
+            if ref is not None:
+                _contour(ax, _axial(ref, k) == value, colour, "dashed")
+            _contour(ax, _axial(pred, k) == value, colour, "solid")
+        ax.set_title(f"axial slice {k}", color="white", fontsize=10)
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)],
+                      label=f"{name}" + (f"  Dice {dice[name]:.2f}" if dice and name in dice else ""))
+               for i, (name, _) in enumerate(sorted(labels.items(), key=lambda kv: kv[1]))]
+    handles += [Line2D([], [], color="white", linestyle="dashed", label="reference"),
+                 Line2D([], [], color="white", label="prediction")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), facecolor="black",
+               labelcolor="white", frameon=False, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.93, bottom=0.12, wspace=0.02)
+    fig.savefig(out, dpi=90, facecolor="black")
+    plt.close(fig)
+    return Path(out)
+
+
+def _lps(image: sitk.Image) -> np.ndarray:
+    """Voxel array [i, j, k] with i increasing to the patient's left, j to posterior, k to superior (DICOM's LPS):
+    array[:, :, k].T is then an axial slice in radiological convention, as imshow draws it."""
+    return sitk.GetArrayFromImage(sitk.DICOMOrient(image, "LPS")).transpose(2, 1, 0)
+
+
+def _aspect(image: sitk.Image) -> float:
+    spacing = sitk.DICOMOrient(image, "LPS").GetSpacing()
+    return spacing[1] / spacing[0]
+
+
+def _axial(volume: np.ndarray, k: int) -> np.ndarray:
+    return volume[:, :, k].T
+
+
+def _pick_slices(label: np.ndarray, n: int) -> list[int]:
+    ks = np.nonzero(label.reshape(-1, label.shape[2]).any(0))[0]
+    if ks.size == 0:
+        return [label.shape[2] // 2]
+    return sorted({int(ks[int(round(q * (ks.size - 1)))]) for q in np.linspace(0.2, 0.8, n)})
+
+
+def _contour(ax, mask: np.ndarray, colour: str, style: str) -> None:
+    if mask.any():
+        ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linestyles=style, linewidths=1.3)

@@ -1,0 +1,154 @@
+"""One training loop for pre-training and fine-tuning: warm-up + cosine per iteration, gradient accumulation,
+clipping, autocast, a NaN guard, atomic checkpoints every N steps, a JSONL log, and a clean stop on SIGINT/SIGTERM."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from engine.config.sections import TrainConfig
+from engine.errors import TrainingDiverged
+from engine.runtime.device import autocast
+from engine.runtime.progress import Progress
+from engine.training.optim import set_lr, warmup_cosine
+
+# step_fn(batch, progress in [0, 1]) yields (named losses, the tensor to back-propagate), one or more times
+StepFn = Callable[[object, float], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
+
+
+@dataclass
+class LoopResult:
+    step: int
+    stopped_early: bool = False
+    last_losses: dict[str, float] = field(default_factory=dict)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (it then saves and returns)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Iterator,
+               step_fn: StepFn, *, device: torch.device, amp: torch.dtype | None, start_step: int,
+               progress: Progress, save: Callable[[int], Path], log_path: Path | None = None,
+               validate: Callable[[int], dict[str, float] | None] | None = None) -> LoopResult:
+    """`validate(step)`, if given, runs after each optimiser step and returns metrics when it validated (else
+    None); the metrics go into that step's log record and progress event, before any checkpoint is saved."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    step, losses = start_step, {}
+    progress.start(step)
+    with StopRequest() as stop:
+        while step < cfg.steps:
+            lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+            set_lr(optimizer, lr)
+            t0 = time.perf_counter()
+            losses = _accumulate(model, cfg, batches, step_fn, step, device, amp, scaler)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            record = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 4), **losses}
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            metrics = validate(step) if validate is not None else None
+            if metrics:
+                record["metrics"] = metrics
+            _append_log(log_path, record)
+            if step % cfg.log_every == 0 or step == cfg.steps or metrics:
+                progress.step(step, losses, metrics=metrics)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+                progress.checkpoint(step, save(step))
+            if stop.requested:
+                return LoopResult(step, True, losses)
+    return LoopResult(step, False, losses)
+
+
+def _accumulate(model, cfg, batches, step_fn, step, device, amp, scaler) -> dict[str, float]:
+    """One optimiser step's worth of micro-batches; returns the mean of each named loss."""
+    sums: dict[str, float] = {}
+    progress = step / max(1, cfg.steps)
+    model.train()
+    for i in range(cfg.accumulate):
+        batch = next(batches)
+        with _sync_gradients(model, i == cfg.accumulate - 1), autocast(device, amp):
+            for named, total in step_fn(batch, progress):
+                _guard(named, step)
+                scaler.scale(total / cfg.accumulate).backward()
+                for k, v in named.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.accumulate
+    return sums
+
+
+def _sync_gradients(model, last_micro_batch: bool):
+    """Under DDP, all-reduce gradients only on the last micro-batch of an accumulation (`no_sync` before)."""
+    if last_micro_batch or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def _guard(named: dict[str, torch.Tensor], step: int) -> None:
+    for name, value in named.items():
+        v = float(value.detach())
+        if not math.isfinite(v):
+            raise TrainingDiverged(
+                f"loss '{name}' became {v} at step {step + 1}; nothing was saved from this step. "
+                "Lower the learning rate (--lr), or train in full precision (--amp off), then --resume")
+
+
+def trim_log(path: Path, last_step: int) -> None:
+    """On resume: drop log records of steps after the checkpoint (a killed run may have logged a few more)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def _append_log(path: Path | None, record: dict) -> None:
+    if path is None:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def cycle(loader: Iterable, seed: int, start_epoch: int = 0) -> Iterator:
+    """Endless batches; each epoch reseeds MONAI's random transforms and the shuffling (reproducible runs)."""
+    epoch = start_epoch
+    while True:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        generator = getattr(loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(seed + epoch)
+        yield from loader
+        epoch += 1
