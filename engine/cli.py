@@ -104,10 +104,10 @@ def _add_pretrain(sub) -> None:
 
 
 def _pretrain(args) -> None:
-    from engine.pretraining.run import run_pretrain
-    run_pretrain(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps, resume=args.resume,
+    from engine.pretraining.run import PretrainRequest, run_pretrain
+    run_pretrain(PretrainRequest(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps, resume=args.resume,
                  seed=args.seed, progress=args.progress, device=args.device, overrides=parse_sets(args.set),
-                 check_memory=not args.skip_memory_check)
+                 check_memory=not args.skip_memory_check))
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -216,8 +216,8 @@ def _data_check(args) -> int:
     report = check_dataset(args.path, workers=args.workers)
     print(format_report(report))
     if args.json:
-        from engine.data.labelled import write_json_atomic
-        write_json_atomic(report, args.json)
+        from engine.runtime.atomic import write_json
+        write_json(report, args.json)
     if report["ok"] < report["cases"]:
         return 1
     return 0
@@ -230,10 +230,11 @@ def _data_cache(args) -> None:
 
 
 def _data_index(args) -> None:
-    from engine.data.labelled import index_folder, parse_label_names, write_json_atomic
+    from engine.data.labelled import index_folder, parse_label_names
+    from engine.runtime.atomic import write_json
     labels = parse_label_names(args.labels) if args.labels else None
     tree = index_folder(args.folder, args.out, labels=labels, folds=args.folds, seed=args.seed)
-    write_json_atomic(tree, args.out)
+    write_json(tree, args.out)
     print(f"wrote {args.out}: {len(tree['training'])} labelled case(s), {len(tree['test'])} unlabelled, "
           f"labels {tree['labels']}")
 
@@ -263,11 +264,11 @@ def _add_finetune(sub) -> None:
 
 
 def _finetune(args) -> None:
-    from engine.finetuning.run import run_finetune
-    result = run_finetune(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
+    from engine.finetuning.run import FinetuneRequest, run_finetune
+    result = run_finetune(FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
                           steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder, fold=args.fold,
                           train_cases=args.train_cases, seed=args.seed, resume=args.resume, progress=args.progress,
-                          device=args.device, overrides=parse_sets(args.set), check_memory=not args.skip_memory_check)
+                          device=args.device, overrides=parse_sets(args.set), check_memory=not args.skip_memory_check))
     if args.progress != "json":
         print(f"wrote {result.model_path} (best at step {result.best.get('step')}: {result.best.get('metrics')})")
 
@@ -299,21 +300,21 @@ def _positive_int(text: str) -> int:
 
 
 def _infer(args) -> None:
-    from engine.inference.run import dry_run_infer, run_infer
+    from engine.inference.run import InferRequest, dry_run_infer, run_infer
     if args.json and not args.dry_run:
         raise UserError("--json goes with --dry-run (progress as JSON lines: --progress json)")
     if args.dry_run:
         import json
 
         from engine.inference.preflight import format_dry_run
-        records = dry_run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
+        records = dry_run_infer(InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
                                 tta=args.tta, device=args.device, overlap=args.overlap,
-                                sw_batch_size=args.sw_batch_size)
+                                sw_batch_size=args.sw_batch_size))
         print(json.dumps(records, indent=1) if args.json else "\n".join(format_dry_run(r) for r in records))
         return
-    written = run_infer(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
+    written = run_infer(InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
                         device=args.device, overlap=args.overlap, progress=args.progress,
-                        sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check)
+                        sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check))
     if args.progress != "json":
         print("\n".join(str(p) for p in written))
 

@@ -3,18 +3,19 @@ sample organs from the pre-trained encoder -> segmentation of a case it never tr
 another patient) -> Dice per organ and an overlay PNG."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from engine.data.samples import DICOM_DIR, fetch_sample_data
-from engine.finetuning.run import run_finetune
+from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.imageio.volumes import read_input
 from engine.inference.evaluate import format_table, run_evaluate
 from engine.inference.overlay import write_overlay
-from engine.inference.run import run_infer
+from engine.inference.run import InferRequest, run_infer
 from engine.pretraining.reconstruct import run_reconstruct
-from engine.pretraining.run import CHECKPOINT, run_pretrain
+from engine.pretraining.run import PretrainRequest, run_pretrain
+from engine.runtime.atomic import write_json
+from engine.training.run_folder import CHECKPOINT
 
 DEMO_FINETUNE_STEPS = 150  # the small preset's 300 would double the demo's fine-tuning time
 
@@ -36,14 +37,14 @@ def run_demo(out: str, preset: str = "small", steps: int | None = None, finetune
         "model": str(model), "dice": scores["dice"], "overlay": scores["overlay"], "table": scores["table"],
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(summary, out_dir / "summary.json")
     _print_summary(summary, out_dir)
     return summary
 
 
 def _pretrain(data: str, run_dir: Path, preset: str, steps: int | None, progress: str) -> Path:
     resume = (run_dir / CHECKPOINT).exists()  # a second `make demo` continues (or reuses) the first one's run
-    run_pretrain(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume, progress=progress)
+    run_pretrain(PretrainRequest(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume, progress=progress))
     return run_dir / CHECKPOINT
 
 
@@ -51,15 +52,15 @@ def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, preset: str, steps
     model = run_dir / "model.pt"
     if model.exists():
         return model
-    result = run_finetune(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint), preset=preset,
-                          steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress)
+    result = run_finetune(FinetuneRequest(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint), preset=preset,
+                          steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress))
     return result.model_path
 
 
 def _segment_unseen_case(model: Path, sample: Path, out_dir: Path, progress: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = out_dir / "dicom_prediction.nii.gz"
-    run_infer(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress)
+    run_infer(InferRequest(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress))
     reference = sample / "dicom_organs.nii.gz"
     result = run_evaluate(str(prediction), str(reference), labels=str(sample / "organs.json"),
                           out=str(out_dir / "dice.json"))

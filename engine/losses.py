@@ -9,12 +9,16 @@ import torch.nn.functional as F
 from engine.masking import patchify
 
 
+def patch_statistics(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each patch's mean and sqrt(var + 1e-6) over its voxels: patches [V, N, p^3 C] -> two [V, N, 1]."""
+    return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6).sqrt()
+
+
 def norm_pix_target(images: torch.Tensor, patch: int) -> torch.Tensor:
-    """Per-patch normalised target [V, N, p^3 C]: subtract the patch mean, divide by sqrt(var + 1e-6)."""
+    """Per-patch normalised target [V, N, p^3 C]: each patch minus its mean, over its standard deviation."""
     target = patchify(images, patch)
-    mean = target.mean(-1, keepdim=True)
-    var = target.var(-1, keepdim=True)
-    return (target - mean) / (var + 1e-6).sqrt()
+    mean, std = patch_statistics(target)
+    return (target - mean) / std
 
 
 def reconstruction_loss(pred: torch.Tensor, images: torch.Tensor, mask: torch.Tensor, patch: int,

@@ -2,7 +2,8 @@
 
 Tokens are the p^3 patches of an R^3 view, numbered in (z, y, x) raster order of the (R/p)^3 token grid, which
 is the order of `patchify`. Randomness comes from a CPU `torch.Generator`, so a seed gives the same masks on any
-device. Each level's views go through the network as one batch."""
+device. A level's views go through the network a few at a time (`train.views_per_pass`; the whole level at once
+under DDP or with views_per_pass 0)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

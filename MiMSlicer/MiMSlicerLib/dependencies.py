@@ -13,7 +13,6 @@ import sys
 REQUIREMENTS = {
     "torch": ">=2.2",
     "monai": ">=1.4,<1.7",
-    "einops": ">=0.7",
     "SimpleITK": ">=2.3,<2.6",
     "numpy": ">=1.24,<2.5",
     "nibabel": ">=5",

@@ -19,7 +19,6 @@ from .trainingPlot import TrainingPlot
 log = logging.getLogger("MiMSlicer")
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
-PRESET_SPACING = {"tiny": [3.0, 3.0, 3.0], "small": [2.0, 2.0, 2.0], "base": [1.5, 1.5, 1.5]}
 
 
 class Task(abc.ABC):
@@ -267,7 +266,7 @@ class FinetuneTask(Task):
         os.makedirs(os.path.dirname(destination), exist_ok=True)
         shutil.move(run, destination)
         entry = {"id": modelID, "name": self.modelName, "task": "segmentation", "labels": dict(self.plan.labels),
-                 "spacing": _runSpacing(destination, self.preset), "preset": self.preset,
+                 "spacing": _runSpacing(destination), "preset": self.preset,
                  "file": os.path.join(destination, "model.pt"), "pretrained": self.pretrainedLabel,
                  "trainingCases": len(self.cases),
                  "description": f"Fine-tuned in Slicer on {len(self.cases)} case(s) from {self.pretrainedLabel}."}
@@ -291,15 +290,13 @@ class FinetuneTask(Task):
         return f"Fine-tuned model '{self.result['name']}' added to the catalogue{dice}."
 
 
-def _runSpacing(runFolder, preset):
-    """Voxel spacing the run used (its config.yaml), else the preset's."""
-    try:
-        import yaml
-        with open(os.path.join(runFolder, "config.yaml"), encoding="utf-8") as f:
-            spacing = yaml.safe_load(f)["data"]["spacing"]
-        return [float(s) for s in spacing]
-    except Exception:  # no PyYAML in this Slicer, or another layout: the preset tells
-        return list(PRESET_SPACING.get(preset, PRESET_SPACING["tiny"]))
+def _runSpacing(runFolder):
+    """Voxel spacing the run used: its config.yaml, which the engine writes with every run (PyYAML is one of the
+    engine's own dependencies, so it is there whenever a run could be made)."""
+    import yaml
+    with open(os.path.join(runFolder, "config.yaml"), encoding="utf-8") as f:
+        spacing = yaml.safe_load(f)["data"]["spacing"]
+    return [float(s) for s in spacing]
 
 
 DOWNLOAD_SCRIPT = r"""

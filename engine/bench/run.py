@@ -11,7 +11,6 @@ Each measurement runs in a process of its own (forked from a server that has imp
 peak memory never mixes. The table and the targets come from `bench_report`."""
 from __future__ import annotations
 
-import json
 import multiprocessing
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from engine.bench.training import (
 )
 from engine.config.schema import check_choice
 from engine.errors import UserError
+from engine.runtime.atomic import write_json
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # the project's ../shared/data
 NATIVE_CT = "ct-native/mirp_lung1_001_ct.nii.gz"  # 512 x 512 x 134, 0.98 x 0.98 x 3 mm
@@ -157,7 +157,7 @@ def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto"
     report["targets"] = judge_targets(report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if json_out:
-        _write_json(report, Path(json_out))
+        write_json(report, Path(json_out))
     return report
 
 
@@ -246,10 +246,3 @@ def _commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip() or None
-
-
-def _write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(path)

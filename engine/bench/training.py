@@ -14,8 +14,8 @@ from engine.bench.machine import peak_rss_gb
 from engine.config.finetune import build_finetune_config
 from engine.config.pretrain import build_config
 from engine.finetuning.data import steps_per_epoch
-from engine.finetuning.run import run_finetune
-from engine.pretraining.run import run_pretrain
+from engine.finetuning.run import FinetuneRequest, run_finetune
+from engine.pretraining.run import PretrainRequest, run_pretrain
 from engine.runtime.device import amp_dtype, pick_device
 
 
@@ -61,8 +61,8 @@ def measure_pretrain(job: PretrainJob) -> dict:
     overrides = {**job.overrides, "train.amp": job.amp}
     cfg = build_config(job.preset, job.method, overrides)
     t0 = time.perf_counter()
-    run_pretrain(str(data), str(out / "run"), method=job.method, preset=job.preset, steps=job.warmup + job.steps,
-                 progress="none", overrides=overrides)
+    run_pretrain(PretrainRequest(str(data), str(out / "run"), method=job.method, preset=job.preset, steps=job.warmup + job.steps,
+                 progress="none", overrides=overrides))
     seconds = step_seconds(out / "run" / "log.jsonl")[job.warmup:]
     step_s, peak = statistics.median(seconds), peak_rss_gb()  # the peak before counting FLOPs
     flops = pretrain_step_flops(cfg)
@@ -104,8 +104,8 @@ def measure_finetune(job: FinetuneJob) -> dict:
     cfg = build_finetune_config(job.preset, "segmentation", None, overrides)
     per_epoch = steps_per_epoch(len(job.training), cfg.data.batch_size)
     t0 = time.perf_counter()
-    run_finetune(str(data), str(out / "run"), preset=job.preset, steps=job.warmup + job.epochs * per_epoch,
-                 progress="none", overrides=overrides)
+    run_finetune(FinetuneRequest(str(data), str(out / "run"), preset=job.preset, steps=job.warmup + job.epochs * per_epoch,
+                 progress="none", overrides=overrides))
     seconds = step_seconds(out / "run" / "log.jsonl")[job.warmup:]
     step_s, peak = statistics.median(seconds), peak_rss_gb()
     flops = finetune_step_flops(cfg, len(job.labels))

@@ -12,6 +12,7 @@ import SimpleITK as sitk
 
 from engine.data.datalist import resolve_datalist
 from engine.errors import UserError
+from engine.imageio.geometry import grid_difference
 from engine.imageio.volumes import read_image
 from engine.pretraining.data import pretrain_dataset
 
@@ -94,17 +95,10 @@ def _check_label(label: sitk.Image, image: sitk.Image | None, declared: set[int]
         extra = sorted(set(values.astype(int).tolist()) - declared - {0})
         if extra:
             report.problems.append(f"{report.label}: label values {extra} are not declared in the dataset's labels")
-    if image is not None and not same_grid(image, label):
+    if image is not None and grid_difference(image, label):
         report.problems.append(f"{report.label}: its grid (size {label.GetSize()}, spacing "
                                f"{tuple(round(s, 3) for s in label.GetSpacing())}, origin "
                                f"{tuple(round(o, 2) for o in label.GetOrigin())}) differs from its image's")
-
-
-def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-3) -> bool:
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tol, atol=tol)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=max(tol, tol * max(a.GetSpacing())))
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
 
 
 def format_report(report: dict) -> str:

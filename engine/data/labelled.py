@@ -17,12 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from engine.errors import UserError
+from engine.imageio.geometry import grid_difference
 from engine.imageio.volumes import is_volume_file, read_image
 
 NNUNET_CHANNEL = re.compile(r"_(\d{4})$")  # imagesTr/case_0000.nii.gz: channel 0 of case
 IMAGE_SUFFIX = re.compile(r"_(ct|image|img)$", re.IGNORECASE)
 LABEL_SUFFIX = re.compile(r"_(label|labels|seg|mask)$", re.IGNORECASE)
-GEOMETRY_TOLERANCE = 1e-3  # mm (origin, spacing) and cosine (direction)
 
 
 @dataclass(frozen=True)
@@ -209,15 +209,6 @@ def parse_label_names(pairs: list[str]) -> dict[str, int]:
     return out
 
 
-def write_json_atomic(tree: dict, out: str | os.PathLike) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(tree, indent=1) + "\n")
-    os.replace(tmp, out)
-    return out
-
-
 def select_cases(ds: LabelledDataset, fold: int | None = None, train_cases: int | None = None,
                  seed: int = 0) -> CaseSelection:
     """Validation = the dataset's `validation` list, or the items of `fold`; training = the rest, of which
@@ -261,16 +252,11 @@ def verify_cases(cases: list[dict], labels: dict[str, int]) -> None:
 
 
 def _same_grid(image, label, case: dict) -> None:
-    checks = {what: (getattr(image, f"Get{what.title()}")(), getattr(label, f"Get{what.title()}")())
-              for what in ("size", "spacing", "origin", "direction")}
-    for what, (a, b) in checks.items():
-        if not np.allclose(a, b, atol=GEOMETRY_TOLERANCE):
-            raise UserError(f"{case['label']}: its {what} {_plain_numbers(b)} differs from the image's "
-                            f"{_plain_numbers(a)} ({Path(case['image']).name}); labels must lie on the image grid")
-
-
-def _plain_numbers(values) -> tuple:
-    return tuple(int(v) if float(v).is_integer() else round(float(v), 4) for v in values)
+    difference = grid_difference(image, label)
+    if difference:
+        what, a, b = difference
+        raise UserError(f"{case['label']}: its {what} {b} differs from the image's {a} "
+                        f"({Path(case['image']).name}); labels must lie on the image grid")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.runtime.atomic import write_json
 
 PACKAGE = "TotalSegmentator==2.18.0"
 ROOT = "totalsegmentator-2.18.0/"
@@ -57,7 +58,7 @@ def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[
               "labels": labels, "cases": cases}
     _write_dataset_json(out, labels)
     _write_organ_subset(out)
-    provenance.write_text(json.dumps(record, indent=1))
+    write_json(record, provenance)
     return cases
 
 
@@ -118,7 +119,7 @@ def _write_dataset_json(out: Path, labels: dict[str, int]) -> None:
     """dataset.json: the volumes for pre-training (labels are never read there)."""
     dataset = {"name": "TotalSegmentator 2.18.0 sample CTs", "labels": labels, "channel_names": {"0": "CT"},
                "training": [{"image": c["image"]} for c in CASES if not c["image"].endswith("/") and c["case"] != "dicom"]}
-    (out / "dataset.json").write_text(json.dumps(dataset, indent=1))
+    write_json(dataset, out / "dataset.json")
 
 
 def _organ_files() -> list[str]:
@@ -146,4 +147,4 @@ def _write_organ_subset(out: Path) -> None:
                "channel_names": {"0": "CT"},
                "training": [{"image": "abdomen_ct.nii.gz", "label": "abdomen_organs.nii.gz"}],
                "test": [{"image": DICOM_DIR, "label": "dicom_organs.nii.gz"}]}
-    (out / "organs.json").write_text(json.dumps(dataset, indent=1))
+    write_json(dataset, out / "organs.json")

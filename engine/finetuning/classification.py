@@ -16,10 +16,11 @@ from engine.finetuning.data import (
     IMAGE,
     cached,
     classification_transforms,
-    endless_batches,
 )
 from engine.models.classifier import HybridClassifier
 from engine.runtime.device import autocast
+from engine.runtime.distributed import DistInfo
+from engine.training.batches import endless_batches
 
 
 class ClassificationTask:
@@ -28,7 +29,7 @@ class ClassificationTask:
     def __init__(self, cfg: FinetuneConfig, dataset: ClassificationDataset, cases: CaseSelection):
         self.cfg, self.cases, self.classes = cfg, cases, list(dataset.classes)
         self._validation = None
-        self.shard = (0, 1)  # (rank, world size) under torchrun
+        self.shard = DistInfo()  # this process's rank among torchrun's
 
     def check_data(self) -> None:
         """Files were checked when the list was read; nothing else to verify for whole-volume labels."""
@@ -40,7 +41,8 @@ class ClassificationTask:
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, classification_transforms(self.cfg, train=True))
-        return endless_batches(dataset, self.cfg, start_step, self.shard)
+        return endless_batches(dataset, self.cfg.data.batch_size, self.cfg.train.seed, start_step, self.shard,
+                               drop_last=False)
 
     def step_fn(self, model: nn.Module, device: torch.device):
         def step(batch, progress):

@@ -3,25 +3,22 @@ cached in memory, then random foreground-weighted crops with light augmentation.
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Iterator
 
 import numpy as np
 import torch
 from monai import transforms as T
-from monai.data import CacheDataset, DataLoader
+from monai.data import CacheDataset
 
 from engine.config.finetune import FinetuneConfig
 from engine.imageio.geometry import (
     body_level,
+    body_select,
     image_array,
     label_to_grid,
     to_model_grid,
     window,
 )
 from engine.imageio.volumes import array_xyz, read_image
-from engine.runtime.distributed import ShardSampler
-from engine.training.loop import cycle
 
 IMAGE, LABEL = "image", "label"
 
@@ -48,12 +45,8 @@ class LoadCase:
         return out
 
 
-def _denser_than(x, level: float):
-    return x > level
-
-
 def _crop_body(keys, hu_window) -> T.CropForegroundd:
-    return T.CropForegroundd(keys, source_key=IMAGE, select_fn=partial(_denser_than, level=body_level(hu_window)),
+    return T.CropForegroundd(keys, source_key=IMAGE, select_fn=body_select(hu_window),
                              margin=2, allow_smaller=True)
 
 
@@ -97,15 +90,3 @@ def steps_per_epoch(n_cases: int, batch_size: int) -> int:
 def cached(items: list[dict], transform: T.Compose) -> CacheDataset:
     """Everything before the first random transform is computed once and kept in memory."""
     return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
-
-
-def endless_batches(dataset, cfg: FinetuneConfig, start_step: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator:
-    """Shuffled batches forever (reseeded per epoch), resuming in the epoch that `start_step` falls in. Under
-    torchrun, `shard` = (rank, world size): each rank draws from its own share of the cases every epoch."""
-    rank, world = shard
-    generator = torch.Generator().manual_seed(cfg.train.seed + rank)
-    sampler = ShardSampler(len(dataset), rank, world, seed=cfg.train.seed) if world > 1 else None
-    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, shuffle=sampler is None, sampler=sampler,
-                        drop_last=False, num_workers=0, generator=generator)
-    epoch = start_step // steps_per_epoch(len(dataset), cfg.data.batch_size)
-    return cycle(loader, cfg.train.seed, start_epoch=epoch)

@@ -18,11 +18,12 @@ from engine.finetuning.data import (
     IMAGE,
     LABEL,
     cached,
-    endless_batches,
     segmentation_transforms,
 )
 from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
+from engine.runtime.distributed import DistInfo
+from engine.training.batches import endless_batches
 
 
 class SegmentationTask:
@@ -33,7 +34,7 @@ class SegmentationTask:
         self.labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))  # channel k = k-th value
         self.values = list(self.labels.values())
         self._validation = None
-        self.shard = (0, 1)  # (rank, world size) under torchrun
+        self.shard = DistInfo()  # this process's rank among torchrun's
 
     def check_data(self) -> None:
         verify_cases(self.cases.training + self.cases.validation, self.labels)
@@ -44,7 +45,8 @@ class SegmentationTask:
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, segmentation_transforms(self.cfg, self.values, train=True))
-        return endless_batches(dataset, self.cfg, start_step, self.shard)
+        return endless_batches(dataset, self.cfg.data.batch_size, self.cfg.train.seed, start_step, self.shard,
+                               drop_last=False)
 
     def step_fn(self, model: nn.Module, device: torch.device):
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -4,6 +4,8 @@ spacing. Predictions go back by resampling onto the input image itself, so the o
 direction) is the input's by construction, for anisotropic, oblique and left-handed inputs alike."""
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -52,6 +54,16 @@ def body_level(hu_window) -> float:
     """-500 HU, the body's edge, in windowed units (clipped to [0, 1])."""
     lo, hi = (float(v) for v in hu_window)
     return min(max((-500.0 - lo) / (hi - lo), 0.0), 1.0)
+
+
+def denser_than(x, level: float):
+    """Picklable foreground test for MONAI's CropForegroundd (DataLoader workers pickle transforms)."""
+    return x > level
+
+
+def body_select(hu_window):
+    """The body in a windowed image, as a `select_fn` for MONAI's CropForegroundd: voxels denser than -500 HU."""
+    return partial(denser_than, level=body_level(hu_window))
 
 
 def body_box(image01: np.ndarray, hu_window, margin: int = 2) -> tuple[slice, ...]:
@@ -104,3 +116,26 @@ def _resampled_channels(probabilities: np.ndarray, grid: sitk.Image, reference: 
 def image_array(image: sitk.Image) -> np.ndarray:
     """[X, Y, Z] float32 array of a model-grid image."""
     return array_xyz(image, np.float32)
+
+
+GRID_TOLERANCE = 1e-3  # mm for spacing and origin (relative for spacings and large origins), cosine for direction
+
+
+def grid_difference(a: sitk.Image, b: sitk.Image) -> tuple[str, tuple, tuple] | None:
+    """The first of size, spacing, origin, direction in which `b`'s grid differs from `a`'s, with both values;
+    None when they are the same grid. The one same-grid check of the engine."""
+    tol = GRID_TOLERANCE
+    checks = (("size", a.GetSize(), b.GetSize(), lambda x, y: tuple(x) == tuple(y)),
+              ("spacing", a.GetSpacing(), b.GetSpacing(), lambda x, y: np.allclose(x, y, rtol=tol, atol=tol)),
+              ("origin", a.GetOrigin(), b.GetOrigin(),
+               lambda x, y: np.allclose(x, y, atol=max(tol, tol * max(a.GetSpacing())))),
+              ("direction", a.GetDirection(), b.GetDirection(), lambda x, y: np.allclose(x, y, atol=tol)))
+    for what, x, y, same in checks:
+        if not same(x, y):
+            return what, plain_numbers(x), plain_numbers(y)
+    return None
+
+
+def plain_numbers(values) -> tuple:
+    """Numbers as a reader wants them in a message: integers as they are, others to 4 decimals."""
+    return tuple(int(v) if float(v).is_integer() else round(float(v), 4) for v in values)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import json
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from engine.errors import UserError
+from engine.runtime.atomic import write_atomic, write_json
 
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -38,18 +38,11 @@ def _safe(name: str) -> str:
 
 
 def write_image_atomic(image: sitk.Image, path: str | os.PathLike) -> Path:
-    """Write beside the target under a temporary name with the same suffix, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp{os.getpid()}.{path.name}")
+    """An image written atomically (runtime.atomic); a write SimpleITK refuses is a UserError."""
     try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
+        return write_atomic(path, lambda tmp: sitk.WriteImage(image, str(tmp), True))
     except RuntimeError as err:
         raise UserError(f"{path}: cannot write ({str(err).strip().splitlines()[-1][:200]})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: dict[str, int],
@@ -62,9 +55,7 @@ def write_labelmap(labelmap: sitk.Image, path: str | os.PathLike, labels: dict[s
         labelmap = with_segment_metadata(labelmap, foreground)
     write_image_atomic(labelmap, path)
     sidecar = {"labels": foreground, **(extra or {})}
-    tmp = sidecar_path(path).with_name(f".tmp{os.getpid()}.{sidecar_path(path).name}")
-    tmp.write_text(json.dumps(sidecar, indent=1) + "\n")
-    os.replace(tmp, sidecar_path(path))
+    write_json(sidecar, sidecar_path(path))
     return path
 
 

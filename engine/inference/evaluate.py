@@ -16,12 +16,12 @@ import SimpleITK as sitk
 import torch
 from monai.metrics import compute_dice
 
-from engine.data.labelled import case_name, write_json_atomic
+from engine.data.labelled import case_name
 from engine.errors import UserError
+from engine.imageio.geometry import grid_difference
 from engine.imageio.labelmap import sidecar_path
 from engine.imageio.volumes import is_volume_file, read_image
-
-GRID_TOLERANCE = 1e-3
+from engine.runtime.atomic import write_json
 
 
 def label_scores(pred: np.ndarray, ref: np.ndarray, value: int, spacing) -> dict:
@@ -75,13 +75,11 @@ def evaluate_images(pred: sitk.Image, ref: sitk.Image, labels: dict[str, int]) -
 
 
 def check_same_grid(pred: sitk.Image, ref: sitk.Image) -> None:
-    if pred.GetSize() != ref.GetSize():
-        raise UserError(f"prediction size {pred.GetSize()} differs from the reference's {ref.GetSize()}")
-    for what in ("Spacing", "Origin", "Direction"):
-        a, b = getattr(pred, f"Get{what}")(), getattr(ref, f"Get{what}")()
-        if not np.allclose(a, b, atol=GRID_TOLERANCE):
-            raise UserError(f"prediction {what.lower()} {np.round(a, 4).tolist()} differs from the reference's "
-                            f"{np.round(b, 4).tolist()}; both must lie on the same grid")
+    difference = grid_difference(ref, pred)
+    if difference:
+        what, a, b = difference
+        raise UserError(f"prediction {what} {list(b)} differs from the reference's {list(a)}; both must lie on the "
+                        "same grid")
 
 
 def resolve_labels(labels_path: str | None, pred_path: Path, ref: sitk.Image, pred: sitk.Image) -> dict[str, int]:
@@ -148,7 +146,7 @@ def run_evaluate(pred: str | os.PathLike, ref: str | os.PathLike, labels: str | 
         cases[case] = evaluate_images(p_img, r_img, names)
     result = {"labels": names, "cases": cases, "mean": _means(cases)}
     if out:
-        write_json_atomic(_json_safe(result), out)
+        write_json(result, out)
     return result
 
 
@@ -159,14 +157,6 @@ def _means(cases: dict) -> dict:
             vals = [s[name][metric] for s in cases.values() if name in s and s[name][metric] is not None]
             means.setdefault(name, {})[metric] = float(np.mean(vals)) if vals else None
     return means
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def format_table(result: dict) -> str:

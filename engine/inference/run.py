@@ -186,31 +186,47 @@ def input_jobs(input_path: str | Path, output: str | Path) -> list[tuple[Path, P
     return [(input_path, output)]
 
 
-def run_infer(checkpoint: str | Path, input_path: str | Path, output: str | Path, probabilities: bool = False,
-              tta: bool = False, device: str = "auto", overlap: float = 0.5, progress: str = "bar",
-              sw_batch_size: int | None = None, check_memory: bool = True) -> list[Path]:
-    """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written.
+@dataclass(frozen=True)
+class InferRequest:
+    """What `engine infer` is asked to do (the CLI's options, as a Python API)."""
 
-    `sw_batch_size` windows go through the network at once; None: the largest up to 2 that fits in memory. Unless
-    `check_memory` is False, a volume whose estimated peak memory does not fit is refused before its big buffers."""
-    jobs = input_jobs(input_path, output)
-    settings = InferenceSettings(overlap=overlap, tta=tta, device=device)
-    predictor = SegmentationPredictor.from_checkpoint(checkpoint, settings)
-    preflight = InferencePreflight(predictor) if check_memory else None
-    reporter = Progress(progress, stage="infer", total=len(jobs))
+    checkpoint: str  # model.pt of a fine-tuning run
+    input: str  # a volume, a DICOM series folder or a folder of volumes
+    output: str  # a labelmap file or a folder
+    probabilities: bool = False  # also one probability map per label
+    tta: bool = False
+    device: str = "auto"
+    overlap: float = 0.5
+    progress: str = "bar"
+    sw_batch_size: int | None = None  # windows per forward; None: the largest up to 2 that fits in memory
+    check_memory: bool = True  # refuse a volume whose estimated peak memory does not fit, before its big buffers
+
+
+def run_infer(request: InferRequest) -> list[Path]:
+    """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written."""
+    jobs = input_jobs(request.input, request.output)
+    predictor = _predictor(request)
+    preflight = InferencePreflight(predictor) if request.check_memory else None
+    reporter = Progress(request.progress, stage="infer", total=len(jobs))
     reporter.start(0, message=f"{len(jobs)} volume(s) on {predictor.device}")
     written = []
     for n, (source, target) in enumerate(jobs, 1):
         t0 = time.perf_counter()
-        written.append(_infer_one(predictor, source, target, probabilities, checkpoint, reporter, preflight,
-                                  sw_batch_size))
+        written.append(_infer_one(predictor, (source, target), request, reporter, preflight))
         reporter.step(n, {"seconds": round(time.perf_counter() - t0, 2)})
-    reporter.done(len(jobs), written[0] if len(written) == 1 else Path(output), paths=[str(p) for p in written])
+    reporter.done(len(jobs), written[0] if len(written) == 1 else Path(request.output),
+                  paths=[str(p) for p in written])
     return written
 
 
-def _infer_one(predictor: SegmentationPredictor, source: Path, target: Path, probabilities: bool, checkpoint,
-               reporter: Progress, preflight: InferencePreflight | None, sw_batch_size: int | None) -> Path:
+def _predictor(request: InferRequest) -> SegmentationPredictor:
+    settings = InferenceSettings(overlap=request.overlap, tta=request.tta, device=request.device)
+    return SegmentationPredictor.from_checkpoint(request.checkpoint, settings)
+
+
+def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], request: InferRequest, reporter: Progress,
+               preflight: InferencePreflight | None) -> Path:
+    (source, target), probabilities, sw_batch_size = paths, request.probabilities, request.sw_batch_size
     available = available_for(predictor.device) if preflight else None  # before this volume takes any memory
     image, note = read_input(source)
     if note:
@@ -224,7 +240,7 @@ def _infer_one(predictor: SegmentationPredictor, source: Path, target: Path, pro
         _report_plan(plan, predictor.settings.sw_batch_size, source, reporter)
         sw_batch_size = plan.tile_batch
     result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size)
-    extra = {"source": str(source), "model": str(checkpoint), "tta": predictor.settings.tta,
+    extra = {"source": str(source), "model": str(request.checkpoint), "tta": predictor.settings.tta,
              "seconds": round(time.perf_counter() - t0, 2)}
     if result.probabilities:
         extra["probabilities"] = {}
@@ -241,15 +257,13 @@ def _report_plan(plan: VolumePlan, default_batch: int, source: Path, reporter: P
     reporter.event("memory", path=str(source), **plan.to_dict())
 
 
-def dry_run_infer(checkpoint: str | Path, input_path: str | Path, output: str | Path, probabilities: bool = False,
-                  tta: bool = False, device: str = "auto", overlap: float = 0.5,
-                  sw_batch_size: int | None = None) -> list[dict]:
+def dry_run_infer(request: InferRequest) -> list[dict]:
     """What `run_infer` would need, volume by volume, without segmenting or writing anything: the windows, the tile
     batch, the predicted peak memory (the model included) and the predicted time. Each volume is read and brought to
     the model grid, since the body box decides how many windows run."""
-    jobs = input_jobs(input_path, output)
-    predictor = SegmentationPredictor.from_checkpoint(checkpoint, InferenceSettings(overlap=overlap, tta=tta,
-                                                                                    device=device))
+    jobs = input_jobs(request.input, request.output)
+    predictor = _predictor(request)
+    probabilities, sw_batch_size = request.probabilities, request.sw_batch_size
     preflight = InferencePreflight(predictor)
     records = []
     for source, target in jobs:

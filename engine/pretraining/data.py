@@ -1,15 +1,22 @@
-"""Dataset descriptors (a folder of volumes or a MONAI decathlon JSON) and the MONAI transforms of each stage."""
+"""Pre-training data: volumes read with our reader, brought to RAS at the preset spacing, windowed to [0, 1],
+cropped to the body, cached, then random crops of side 2R (MiM) or R."""
 from __future__ import annotations
 
 import logging
-from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 from monai import transforms as T
 from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 
 from engine.config.sections import DataConfig
+from engine.runtime.distributed import DistInfo
+from engine.training.batches import endless_batches
+
+if TYPE_CHECKING:
+    from engine.config.pretrain import PretrainConfig
+from engine.imageio.geometry import body_select
 from engine.imageio.volumes import SimpleITKReader, read_image
 
 log = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ def preprocess_transforms(cfg: DataConfig, keys=("image",)) -> list:
         T.Orientationd(keys, axcodes="RAS", labels=None),
         T.Spacingd(keys, pixdim=tuple(cfg.spacing), mode="bilinear"),
         T.ScaleIntensityRanged(keys, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-        T.CropForegroundd(keys, source_key=keys[0], select_fn=partial(_denser_than, level=(-500.0 - lo) / (hi - lo)),
+        T.CropForegroundd(keys, source_key=keys[0], select_fn=body_select(cfg.hu_window),
                           allow_smaller=True),
         T.EnsureTyped(keys, dtype=np.float32, track_meta=True),
     ]
@@ -61,6 +68,8 @@ def pretrain_dataset(items: list[dict], cfg: DataConfig, crop: int):
     return Dataset(items, transform)
 
 
-def _denser_than(x, level: float):
-    """Foreground for cropping: the body, i.e. voxels denser than -500 HU (`level` is that HU once windowed)."""
-    return x > level
+def batches(items: list[dict], cfg: PretrainConfig, start_step: int, info: DistInfo) -> Iterator:
+    """Endless batches of random crops of this rank's share of `items` (drop_last: every batch is full)."""
+    dataset = pretrain_dataset(items, cfg.data, cfg.crop_size)
+    return endless_batches(dataset, cfg.data.batch_size, cfg.train.seed, start_step, info, drop_last=True,
+                           workers=cfg.data.workers)

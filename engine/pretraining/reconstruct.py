@@ -6,7 +6,6 @@ fine view sits inside the masked block of its middle view, which sits inside the
 the views with their parents and world boxes; montage.png shows one parent->child chain a person can read."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +14,12 @@ import torch
 from engine.config.pretrain import PretrainConfig, config_from_dict
 from engine.errors import UserError
 from engine.imageio.volumes import write_nifti
+from engine.losses import patch_statistics
 from engine.masking import LevelViews, make_mim_views, patchify, unpatchify
 from engine.models import build_pretrainer
 from engine.pretraining.data import preprocess_transforms
 from engine.pretraining.montage import write_montage
+from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import load_checkpoint, unwrap
 from engine.runtime.device import pick_device
 from engine.runtime.progress import Progress
@@ -37,10 +38,12 @@ def run_reconstruct(checkpoint: str, image: str, out: str, seed: int = 0, center
                             torch.Generator().manual_seed(seed))
     results = _reconstruct_levels(model, levels, cfg, reporter)
     out_dir = Path(out)
-    index = _write_outputs(out_dir, image, checkpoint, seed, cfg, crop, crop_affine, levels, results)
+    index = {"format": FORMAT, "source": str(Path(image).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
+             "method": cfg.method, "seed": seed}
+    index = _write_outputs(out_dir, index, cfg, (crop, crop_affine), levels, results)
     index["montage"] = write_montage(out_dir / "montage.png", levels, results, cfg.data.hu_window,
                                      LEVEL_NAMES[cfg.mask.levels]).name
-    (out_dir / "index.json").write_text(json.dumps(index, indent=1))
+    write_json(index, out_dir / "index.json")
     reporter.done(cfg.mask.levels + 1, out_dir / "index.json")
     return index
 
@@ -91,9 +94,8 @@ def _reconstruct_levels(model, levels: list[LevelViews], cfg: PretrainConfig, re
         target = patchify(views.images, p)
         pred = level.pred.float()
         if cfg.loss.norm_pix:  # back to intensities with each patch's own statistics (MAE's visualisation)
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            pred = pred * (var + 1e-6).sqrt() + mean
-            norm_target = (target - mean) / (var + 1e-6).sqrt()
+            mean, std = patch_statistics(target)
+            pred, norm_target = pred * std + mean, (target - mean) / std
         else:
             norm_target = target
         m = views.mask.mask[..., None]
@@ -108,13 +110,14 @@ def _reconstruct_levels(model, levels: list[LevelViews], cfg: PretrainConfig, re
     return out
 
 
-def _write_outputs(out_dir: Path, image, checkpoint, seed, cfg, crop, crop_affine, levels, results) -> dict:
+def _write_outputs(out_dir: Path, index: dict, cfg, crop_and_affine, levels, results) -> dict:
+    """The crop and every view's files, in HU; `index` (what was reconstructed) gets their names and the losses."""
+    crop, crop_affine = crop_and_affine
     lo, hi = cfg.data.hu_window
     to_hu = lambda x: np.rint(x.numpy() * (hi - lo) + lo).astype(np.int16)  # noqa: E731
     write_nifti(to_hu(crop[0]), crop_affine, out_dir / "crop.nii.gz")
     names = LEVEL_NAMES[cfg.mask.levels]
-    index = {"format": FORMAT, "source": str(Path(image).resolve()), "checkpoint": str(Path(checkpoint).resolve()),
-             "method": cfg.method, "seed": seed, "hu_window": [lo, hi],
+    index = {**index, "hu_window": [lo, hi],
              "crop": {"file": "crop.nii.gz", "box_world": _world_box(crop_affine, np.zeros(3), np.full(3, crop.shape[-1]))},
              "levels": []}
     for views, res, name in zip(levels, results, names):

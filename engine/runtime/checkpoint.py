@@ -1,16 +1,16 @@
 """Checkpoints hold plain data only (config dict, state dicts, step, optimiser state) and load with
-`torch.load(weights_only=True)`, so opening one can never run code. Writes are atomic: temp file + rename."""
+`torch.load(weights_only=True)`, so opening one can never run code. Writes are atomic (runtime.atomic)."""
 from __future__ import annotations
 
 import os
 import pickle
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from engine.errors import UserError
+from engine.runtime.atomic import write_atomic
 
 FORMAT = "mimslicer-checkpoint/1"
 
@@ -21,20 +21,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def save_checkpoint(path, *, kind: str, config: dict, model: nn.Module, step: int,
-                    optimizer=None, scheduler=None, extra: dict | None = None) -> Path:
+def save_checkpoint(path, *, kind: str, config: dict, model: nn.Module, step: int, optimizer=None,
+                    extra: dict | None = None) -> Path:
+    """Atomically: the format tag, kind, config, weights (unwrapped), step, optimiser state and `extra`."""
     payload = {
         "format": FORMAT,
         "kind": kind,
@@ -42,11 +31,9 @@ def save_checkpoint(path, *, kind: str, config: dict, model: nn.Module, step: in
         "model": unwrap(model).state_dict(),
         "step": int(step),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "torch_rng": torch.get_rng_state(),
     }
     payload.update(extra or {})
-    return save_atomic(payload, path)
+    return write_atomic(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -76,7 +63,7 @@ def describe_checkpoint(path: str | os.PathLike) -> dict:
             "step": ckpt.get("step"), "preset": cfg.get("preset"), "method": cfg.get("method"),
             "task": cfg.get("task"), "spacing": data.get("spacing"), "hu_window": data.get("hu_window"),
             "parameters": int(sum(t.numel() for t in ckpt["model"].values() if hasattr(t, "numel")))}
-    heavy = {"format", "kind", "config", "model", "optimizer", "scheduler", "torch_rng", "step"}
+    heavy = {"format", "kind", "config", "model", "optimizer", "rng", "step"}
     for key, value in ckpt.items():  # what fine-tuning adds for inference: labels, spacing, roi, metrics...
         if key not in heavy and not hasattr(value, "numel"):
             info[key] = value

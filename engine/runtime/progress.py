@@ -7,6 +7,8 @@ import math
 import sys
 from typing import Any
 
+from engine.runtime.atomic import json_safe
+
 
 class Progress:
     def __init__(self, mode: str = "bar", stage: str = "", total: int = 0, stream=None):
@@ -52,7 +54,7 @@ class Progress:
             return
         record = {"event": event, "stage": self.stage, "total": self.total}
         record.update({k: _finite(v) for k, v in fields.items() if v is not None and v != ""})
-        self.stream.write(json.dumps(record) + "\n")
+        self.stream.write(json.dumps(json_safe(record)) + "\n")
         self.stream.flush()
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import SimpleITK as sitk
 
 from engine.data.datalist import resolve_datalist
-from engine.data.labelled import write_json_atomic
 from engine.errors import UserError
 from engine.imageio.labelmap import write_image_atomic
 from engine.imageio.volumes import read_image
+from engine.runtime.atomic import write_json
 from engine.study.config import StudyConfig
 
 LABEL_VALUE = 1  # the studied label's value in every derived label file
@@ -43,9 +43,9 @@ def prepare_data(cfg: StudyConfig, folder: Path) -> StudyData:
     pool = [cases[name] for name in cfg.task.pool]
     test = [cases[name] for name in cfg.task.test]
     check_held_out(pool, test)
-    dataset = write_json_atomic(_dataset_tree(cfg.task.label, pool), folder / "dataset.json")
+    dataset = write_json(_dataset_tree(cfg.task.label, pool), folder / "dataset.json")
     volumes = _pretrain_volumes(source, test, cfg.pretrain.include_test_images, list(cases.values()))
-    pretrain = write_json_atomic({"training": [{"image": image} for image in volumes]}, folder / "pretrain.json")
+    pretrain = write_json({"training": [{"image": image} for image in volumes]}, folder / "pretrain.json")
     return StudyData(dataset, pretrain, pool, test)
 
 

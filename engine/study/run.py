@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.data.labelled import write_json_atomic
+from engine.runtime.atomic import write_json
 from engine.runtime.progress import Progress
 from engine.study.config import StudyConfig, load_study_config, save_study_config
 from engine.study.data import StudyData, prepare_data
@@ -62,7 +62,7 @@ def _publish(rows: list[dict], cfg: StudyConfig, data: StudyData, out_dir: Path,
                "training_pool": [c["name"] for c in data.pool], "pretrain": _pretrain_times(cfg, out_dir),
                "finetune_seconds": round(sum(r["seconds"] for r in rows), 1),
                "wall_seconds_this_call": round(wall, 1), "machine": _machine()}
-    write_json_atomic(summary, out_dir / SUMMARY)
+    write_json(summary, out_dir / SUMMARY)
     return summary
 
 

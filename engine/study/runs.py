@@ -12,15 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.data.labelled import write_json_atomic
-from engine.finetuning.run import CHECKPOINT as FINETUNE_CHECKPOINT
-from engine.finetuning.run import run_finetune
+from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.inference.evaluate import run_evaluate
-from engine.inference.run import run_infer
-from engine.pretraining.run import CHECKPOINT as PRETRAIN_CHECKPOINT
-from engine.pretraining.run import run_pretrain
+from engine.inference.run import InferRequest, run_infer
+from engine.pretraining.run import PretrainRequest, run_pretrain
+from engine.runtime.atomic import write_json
 from engine.study.config import StudyConfig
 from engine.study.data import StudyData, check_held_out
+from engine.training.run_folder import CHECKPOINT
 
 DONE, RESULT = "done.json", "result.json"
 
@@ -43,17 +42,17 @@ def plan_runs(cfg: StudyConfig) -> list[RunSpec]:
 
 def pretrain_once(method: str, cfg: StudyConfig, data: StudyData, run_dir: Path, device: str, progress: str) -> Path:
     """Pre-train `method` on the unlabelled volumes for pretrain.steps steps (or reuse the finished run)."""
-    checkpoint = run_dir / PRETRAIN_CHECKPOINT
+    checkpoint = run_dir / CHECKPOINT
     if (run_dir / DONE).exists():
         return checkpoint
     t0 = time.perf_counter()
     resume = checkpoint.exists()
-    result = run_pretrain(str(data.pretrain), str(run_dir), method=method, preset=cfg.pretrain.preset,
+    result = run_pretrain(PretrainRequest(str(data.pretrain), str(run_dir), method=method, preset=cfg.pretrain.preset,
                           steps=cfg.pretrain.steps, resume=resume, seed=cfg.pretrain.seed, progress=progress,
-                          device=device, overrides=None if resume else dict(cfg.pretrain.overrides))
+                          device=device, overrides=None if resume else dict(cfg.pretrain.overrides)))
     if result.stopped_early:
         raise KeyboardInterrupt
-    write_json_atomic({"method": method, "steps": result.step, "seconds": round(time.perf_counter() - t0, 1),
+    write_json({"method": method, "steps": result.step, "seconds": round(time.perf_counter() - t0, 1),
                        "train_seconds": logged_seconds(run_dir), "resumed": resume}, run_dir / DONE)
     return checkpoint
 
@@ -76,7 +75,7 @@ def finetune_and_test(spec: RunSpec, cfg: StudyConfig, data: StudyData, checkpoi
            "pretrain_steps": cfg.pretrain.steps if spec.init != "scratch" else 0,
            "train_seconds": logged_seconds(run_dir / "finetune"), "seconds": round(time.perf_counter() - t0, 1),
            "run": run_dir.name}
-    write_json_atomic(row, run_dir / RESULT)
+    write_json(row, run_dir / RESULT)
     return row
 
 
@@ -85,12 +84,12 @@ def _finetune(spec: RunSpec, cfg: StudyConfig, data: StudyData, checkpoint: Path
     """Fixed length, validated only after the last step (on its own training cases: every other case is a test
     case), so model.pt holds the last weights and no arm gets a model selection the others lack. That validation
     is a readout of the fit (train_dice), so it runs without window overlap to stay cheap."""
-    resume = (out / FINETUNE_CHECKPOINT).exists()
+    resume = (out / CHECKPOINT).exists()
     overrides = None if resume else {**cfg.finetune.overrides, "val.every": cfg.finetune.steps, "val.overlap": 0.0}
-    result = run_finetune(str(data.dataset), str(out), task="segmentation",
+    result = run_finetune(FinetuneRequest(str(data.dataset), str(out), task="segmentation",
                           pretrained=str(checkpoint) if checkpoint else None, preset=cfg.finetune.preset,
                           steps=cfg.finetune.steps, train_cases=spec.n_cases, seed=spec.seed, resume=resume,
-                          progress=progress, device=device, overrides=overrides)
+                          progress=progress, device=device, overrides=overrides))
     if result.stopped_early:
         raise KeyboardInterrupt
     return result
@@ -99,8 +98,8 @@ def _finetune(spec: RunSpec, cfg: StudyConfig, data: StudyData, checkpoint: Path
 def _test_dice(model: Path, case: dict, data: StudyData, folder: Path, cfg: StudyConfig, device: str) -> float:
     """Segment one test case on its own grid with the engine's inference, then the engine's Dice."""
     prediction = folder / f"{case['name']}_seg.nii.gz"
-    run_infer(str(model), case["image"], str(prediction), device=device, overlap=cfg.evaluate.overlap,
-              progress="none")
+    run_infer(InferRequest(str(model), case["image"], str(prediction), device=device, overlap=cfg.evaluate.overlap,
+              progress="none"))
     scores = run_evaluate(str(prediction), case["label"], labels=str(data.dataset))
     dice = next(iter(scores["cases"].values()))[cfg.task.label]["dice"]
     return float("nan") if dice is None else round(float(dice), 6)

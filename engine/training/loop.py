@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from engine.config.sections import TrainConfig
 from engine.errors import TrainingDiverged
-from engine.runtime.device import autocast
+from engine.runtime.atomic import json_safe, write_text
+from engine.runtime.device import amp_dtype, autocast
 from engine.runtime.progress import Progress
 from engine.training.optim import set_lr, warmup_cosine
 
@@ -54,12 +55,23 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+@dataclass
+class LoopHooks:
+    """What the loop reports and writes. `validate(step)`, if given, runs after each optimiser step and returns
+    metrics when it validated (else None); the metrics go into that step's log record and progress event, before
+    any checkpoint is saved."""
+
+    progress: Progress
+    save: Callable[[int], Path]  # writes the checkpoint of this step, returns its path
+    log_path: Path | None = None  # log.jsonl (None: not written, e.g. on ranks other than 0)
+    validate: Callable[[int], dict[str, float] | None] | None = None
+
+
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Iterator,
-               step_fn: StepFn, *, device: torch.device, amp: torch.dtype | None, start_step: int,
-               progress: Progress, save: Callable[[int], Path], log_path: Path | None = None,
-               validate: Callable[[int], dict[str, float] | None] | None = None) -> LoopResult:
-    """`validate(step)`, if given, runs after each optimiser step and returns metrics when it validated (else
-    None); the metrics go into that step's log record and progress event, before any checkpoint is saved."""
+               step_fn: StepFn, device: torch.device, start_step: int, hooks: LoopHooks) -> LoopResult:
+    """Optimiser steps from `start_step` to `cfg.steps`, under the autocast `cfg.amp` asks for on `device`."""
+    amp = amp_dtype(cfg.amp, device)
+    progress, save, log_path, validate = hooks.progress, hooks.save, hooks.log_path, hooks.validate
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
     step, losses = start_step, {}
@@ -120,8 +132,9 @@ def _guard(named: dict[str, torch.Tensor], step: int) -> None:
         v = float(value.detach())
         if not math.isfinite(v):
             raise TrainingDiverged(
-                f"loss '{name}' became {v} at step {step + 1}; nothing was saved from this step. "
-                "Lower the learning rate (--lr), or train in full precision (--amp off), then --resume")
+                f"loss '{name}' became {v} at step {step + 1}; nothing was saved from this step. Start a new run "
+                "(another --out) with a lower learning rate (--set train.lr=...) or in full precision "
+                "(--set train.amp=off); --resume continues from the last checkpoint with the same settings")
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -129,26 +142,13 @@ def trim_log(path: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    write_text("".join(line + "\n" for line in kept), path)
 
 
 def _append_log(path: Path | None, record: dict) -> None:
     if path is None:
         return
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(json_safe(record)) + "\n")
 
 
-def cycle(loader: Iterable, seed: int, start_epoch: int = 0) -> Iterator:
-    """Endless batches; each epoch reseeds MONAI's random transforms and the shuffling (reproducible runs)."""
-    epoch = start_epoch
-    while True:
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
-        generator = getattr(loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(seed + epoch)
-        yield from loader
-        epoch += 1

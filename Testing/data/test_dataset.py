@@ -16,9 +16,9 @@ from engine.data.labelled import (
     parse_label_names,
     select_cases,
     verify_cases,
-    write_json_atomic,
 )
 from engine.errors import UserError
+from engine.runtime.atomic import write_json
 
 
 def _volume(path, values: np.ndarray, spacing=(1.0, 1.0, 2.0)):
@@ -74,14 +74,14 @@ def test_index_nnunet_folder_names_labels_from_values(tmp_path):
 def test_decathlon_style_labels_are_accepted(tmp_path):
     _pair(tmp_path, "a")
     tree = {"labels": {"0": "background", "1": "tumour"}, "training": [{"image": "a_ct.nii.gz", "label": "a_label.nii.gz"}]}
-    path = write_json_atomic(tree, tmp_path / "d.json")
+    path = write_json(tree, tmp_path / "d.json")
     assert load_dataset(path).labels == {"background": 0, "tumour": 1}
 
 
 def test_selection_is_reproducible_and_respects_folds(tmp_path):
     for i in range(10):
         _pair(tmp_path / "d", f"c{i}")
-    path = write_json_atomic(index_folder(tmp_path / "d", tmp_path / "d.json", {"background": 0, "x": 1}, folds=5),
+    path = write_json(index_folder(tmp_path / "d", tmp_path / "d.json", {"background": 0, "x": 1}, folds=5),
                              tmp_path / "d.json")
     ds = load_dataset(path)
     a = select_cases(ds, fold=2, train_cases=3, seed=7)

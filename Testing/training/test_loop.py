@@ -8,7 +8,7 @@ import torch
 from engine.config.sections import TrainConfig
 from engine.errors import TrainingDiverged
 from engine.runtime.progress import Progress
-from engine.training.loop import train_loop
+from engine.training.loop import LoopHooks, train_loop
 from engine.training.optim import warmup_cosine
 
 
@@ -19,9 +19,8 @@ def _run(tmp_path, step_fn, **cfg):
     saved = []
     cfg = TrainConfig(**{"steps": 4, "warmup_steps": 1, "checkpoint_every": 2, "lr": 0.1, **cfg})
     batches = iter(itertools.repeat(torch.ones(2, 3)))
-    result = train_loop(model, opt, cfg, batches, lambda b, p: step_fn(model, b), device=torch.device("cpu"),
-                        amp=None, start_step=0, progress=Progress("none"), save=lambda s: saved.append(s) or tmp_path,
-                        log_path=tmp_path / "log.jsonl")
+    hooks = LoopHooks(Progress("none"), save=lambda s: saved.append(s) or tmp_path, log_path=tmp_path / "log.jsonl")
+    result = train_loop(model, opt, cfg, batches, lambda b, p: step_fn(model, b), torch.device("cpu"), 0, hooks)
     return result, saved, model
 
 
@@ -29,7 +28,7 @@ def test_nan_loss_stops_with_a_clear_message_before_saving(tmp_path):
     def step_fn(model, batch):
         loss = model(batch).mean() * float("nan")
         yield {"loss": loss}, loss
-    with pytest.raises(TrainingDiverged, match=r"loss 'loss' became nan at step 1.*--lr"):
+    with pytest.raises(TrainingDiverged, match=r"loss 'loss' became nan at step 1.*--set train.lr=.*--set train.amp=off"):
         _run(tmp_path, step_fn)
     assert not (tmp_path / "log.jsonl").exists()
 

@@ -14,7 +14,7 @@ from engine_testing import crop_ct, require_shared_data, run_engine
 
 from engine.cli import main
 from engine.errors import UserError
-from engine.finetuning.run import run_finetune
+from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.runtime.checkpoint import load_checkpoint
 
 NO_AUGMENT = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0}
@@ -79,8 +79,8 @@ def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
 
 def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, tmp_path):
     run = tmp_path / "run"
-    run_finetune(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"), preset="tiny", steps=4,
-                 fold=0, train_cases=1, progress="none", overrides={**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3})
+    run_finetune(FinetuneRequest(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"), preset="tiny", steps=4,
+                 fold=0, train_cases=1, progress="none", overrides={**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3}))
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 4
     assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
@@ -107,11 +107,11 @@ def test_resume_continues_and_freeze_keeps_the_encoder(chest, tiny_pretrain_run,
 
 def test_bad_requests_fail_clearly(chest, tmp_path):
     with pytest.raises(UserError, match="--train-cases 5"):
-        run_finetune(str(chest), str(tmp_path / "r"), train_cases=5, fold=0, progress="none")
+        run_finetune(FinetuneRequest(str(chest), str(tmp_path / "r"), train_cases=5, fold=0, progress="none"))
     with pytest.raises(UserError, match="Did you mean 'segmentation'"):
-        run_finetune(str(chest), str(tmp_path / "r"), task="segmentaton", progress="none")
+        run_finetune(FinetuneRequest(str(chest), str(tmp_path / "r"), task="segmentaton", progress="none"))
     with pytest.raises(UserError, match="unknown setting 'model.rio'"):
-        run_finetune(str(chest), str(tmp_path / "r"), overrides={"model.rio": 64}, progress="none")
+        run_finetune(FinetuneRequest(str(chest), str(tmp_path / "r"), overrides={"model.rio": 64}, progress="none"))
     assert main(["finetune", "--data", str(chest), "--out", str(tmp_path / "r"), "--resume"]) == 2
 
 

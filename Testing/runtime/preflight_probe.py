@@ -61,8 +61,8 @@ def command(kind: str, paths: tuple[str, ...], found: dict):
         weights = load_checkpoint(model)["model"]  # loaded before the check: not in the volume's estimate
 
         def run(check: bool):
-            engine.inference.run.run_infer(model, image, output, device="cpu", progress="none", check_memory=check,
-                                       sw_batch_size=found.get("tile_batch"))
+            engine.inference.run.run_infer(engine.inference.run.InferRequest(model, image, output, device="cpu", progress="none", check_memory=check,
+                                       sw_batch_size=found.get("tile_batch")))
         return run, sum(t.numel() * t.element_size() for t in weights.values())
     data, out, *options = paths
     preset = options[0] if options else "tiny"
@@ -71,15 +71,15 @@ def command(kind: str, paths: tuple[str, ...], found: dict):
         record_estimate(engine.finetuning.run, "check_finetune", found)
 
         def run(check: bool):
-            engine.finetuning.run.run_finetune(data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0,
+            engine.finetuning.run.run_finetune(engine.finetuning.run.FinetuneRequest(data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0,
                                          device="cpu", progress="none", overrides={"val.every": 1},
-                                         check_memory=check)
+                                         check_memory=check))
     else:
         record_estimate(engine.pretraining.run, "check_pretrain", found)
 
         def run(check: bool):
-            engine.pretraining.run.run_pretrain(data, out, method=variant or "mim", preset=preset, steps=2, device="cpu",
-                                         progress="none", check_memory=check)
+            engine.pretraining.run.run_pretrain(engine.pretraining.run.PretrainRequest(data, out, method=variant or "mim", preset=preset, steps=2, device="cpu",
+                                         progress="none", check_memory=check))
     return run, 0
 
 

@@ -22,7 +22,6 @@ from engine.data.labelled import (
     index_folder,
     load_dataset,
     select_cases,
-    write_json_atomic,
 )
 from engine.errors import UserError
 from engine.finetuning.preflight import finetune_estimate
@@ -38,6 +37,7 @@ from engine.inference.run import (
 from engine.models import build_pretrainer
 from engine.models.segmenter import build_segmenter
 from engine.pretraining.step import step_function
+from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import save_checkpoint
 from engine.runtime.memory import (
     LIMIT_ENV,
@@ -85,13 +85,13 @@ def chest(tmp_path_factory):
         crop_ct(CT_2MM / "ts_chest_ct.nii.gz", folder / f"{name}_ct.nii.gz", size)
         crop_ct(CT_2MM / "ts_chest_label.nii.gz", folder / f"{name}_label.nii.gz", size)
     dataset = folder / "dataset.json"
-    write_json_atomic(index_folder(folder, dataset, labels={"background": 0, "heart": 1, "aorta": 2}, folds=2),
+    write_json(index_folder(folder, dataset, labels={"background": 0, "heart": 1, "aorta": 2}, folds=2),
                       dataset)
     return dataset
 
 
 def _probe(*args: str) -> dict:
-    result = subprocess.run([sys.executable, str(REPO / "Testing" / "preflight_probe.py"), *args], cwd=REPO,
+    result = subprocess.run([sys.executable, str(REPO / "Testing" / "runtime" / "preflight_probe.py"), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
