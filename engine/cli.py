@@ -105,9 +105,10 @@ def _add_pretrain(sub) -> None:
 
 def _pretrain(args) -> None:
     from engine.pretraining.run import PretrainRequest, run_pretrain
-    run_pretrain(PretrainRequest(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps, resume=args.resume,
-                 seed=args.seed, progress=args.progress, device=args.device, overrides=parse_sets(args.set),
-                 check_memory=not args.skip_memory_check))
+    request = PretrainRequest(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps,
+                              resume=args.resume, seed=args.seed, progress=args.progress, device=args.device,
+                              overrides=parse_sets(args.set), check_memory=not args.skip_memory_check)
+    run_pretrain(request)
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -265,10 +266,12 @@ def _add_finetune(sub) -> None:
 
 def _finetune(args) -> None:
     from engine.finetuning.run import FinetuneRequest, run_finetune
-    result = run_finetune(FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
-                          steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder, fold=args.fold,
-                          train_cases=args.train_cases, seed=args.seed, resume=args.resume, progress=args.progress,
-                          device=args.device, overrides=parse_sets(args.set), check_memory=not args.skip_memory_check))
+    request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
+                              steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder,
+                              fold=args.fold, train_cases=args.train_cases, seed=args.seed, resume=args.resume,
+                              progress=args.progress, device=args.device, overrides=parse_sets(args.set),
+                              check_memory=not args.skip_memory_check)
+    result = run_finetune(request)
     if args.progress != "json":
         print(f"wrote {result.model_path} (best at step {result.best.get('step')}: {result.best.get('metrics')})")
 
@@ -307,14 +310,16 @@ def _infer(args) -> None:
         import json
 
         from engine.inference.preflight import format_dry_run
-        records = dry_run_infer(InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
-                                tta=args.tta, device=args.device, overlap=args.overlap,
-                                sw_batch_size=args.sw_batch_size))
+        request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
+                               tta=args.tta, device=args.device, overlap=args.overlap,
+                               sw_batch_size=args.sw_batch_size)
+        records = dry_run_infer(request)
         print(json.dumps(records, indent=1) if args.json else "\n".join(format_dry_run(r) for r in records))
         return
-    written = run_infer(InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
-                        device=args.device, overlap=args.overlap, progress=args.progress,
-                        sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check))
+    request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
+                           device=args.device, overlap=args.overlap, progress=args.progress,
+                           sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check)
+    written = run_infer(request)
     if args.progress != "json":
         print("\n".join(str(p) for p in written))
 

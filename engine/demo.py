@@ -44,7 +44,9 @@ def run_demo(out: str, preset: str = "small", steps: int | None = None, finetune
 
 def _pretrain(data: str, run_dir: Path, preset: str, steps: int | None, progress: str) -> Path:
     resume = (run_dir / CHECKPOINT).exists()  # a second `make demo` continues (or reuses) the first one's run
-    run_pretrain(PretrainRequest(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume, progress=progress))
+    request = PretrainRequest(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume,
+                              progress=progress)
+    run_pretrain(request)
     return run_dir / CHECKPOINT
 
 
@@ -52,15 +54,17 @@ def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, preset: str, steps
     model = run_dir / "model.pt"
     if model.exists():
         return model
-    result = run_finetune(FinetuneRequest(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint), preset=preset,
-                          steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress))
+    request = FinetuneRequest(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint),
+                              preset=preset, steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress)
+    result = run_finetune(request)
     return result.model_path
 
 
 def _segment_unseen_case(model: Path, sample: Path, out_dir: Path, progress: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = out_dir / "dicom_prediction.nii.gz"
-    run_infer(InferRequest(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress))
+    request = InferRequest(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress)
+    run_infer(request)
     reference = sample / "dicom_organs.nii.gz"
     result = run_evaluate(str(prediction), str(reference), labels=str(sample / "organs.json"),
                           out=str(out_dir / "dice.json"))

@@ -13,12 +13,7 @@ import torch.nn as nn
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.imageio.volumes import read_input
-from engine.inference.run import (
-    InferenceSettings,
-    ModelSpec,
-    SegmentationPredictor,
-    sliding_window_probabilities,
-)
+from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import save_checkpoint
 

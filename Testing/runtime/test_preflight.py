@@ -18,34 +18,20 @@ from monai.data import MetaTensor
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.config.pretrain import build_config
-from engine.data.labelled import (
-    index_folder,
-    load_dataset,
-    select_cases,
-)
+from engine.data.labelled import index_folder, load_dataset, select_cases
 from engine.errors import UserError
 from engine.finetuning.preflight import finetune_estimate
 from engine.finetuning.segmentation import SegmentationTask
 from engine.imageio.geometry import model_grid_size, to_model_grid
 from engine.imageio.volumes import read_input
 from engine.inference.preflight import InferencePreflight, check_volume, count_windows
-from engine.inference.run import (
-    InferenceSettings,
-    SegmentationPredictor,
-    sliding_window_probabilities,
-)
+from engine.inference.run import InferenceSettings, SegmentationPredictor, sliding_window_probabilities
 from engine.models import build_pretrainer
 from engine.models.segmenter import build_segmenter
 from engine.pretraining.step import step_function
 from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import save_checkpoint
-from engine.runtime.memory import (
-    LIMIT_ENV,
-    MARGIN,
-    available_memory_bytes,
-    cgroup_available,
-    traced,
-)
+from engine.runtime.memory import LIMIT_ENV, MARGIN, available_memory_bytes, cgroup_available, traced
 from engine.training.preflight import meta_batch, training_step_peak
 
 # Estimate / measured rise of the peak resident set (VmHWM), on a 2-core x86 machine (torch 2.13, glibc), over 19 tiny

@@ -22,22 +22,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from engine.bench.inference import (
-    CONTENDERS,
-    LABELS,
-    InferenceJob,
-    measure_whole_ct,
-    prepare_ct,
-    segmentation_config,
-)
+from engine.bench.inference import CONTENDERS, LABELS, InferenceJob, measure_whole_ct, prepare_ct, segmentation_config
 from engine.bench.machine import gemm_peak, machine_info, rss_gb
 from engine.bench.report import judge_targets
-from engine.bench.training import (
-    FinetuneJob,
-    PretrainJob,
-    measure_finetune,
-    measure_pretrain,
-)
+from engine.bench.training import FinetuneJob, PretrainJob, measure_finetune, measure_pretrain
 from engine.config.schema import check_choice
 from engine.errors import UserError
 from engine.runtime.atomic import write_json
@@ -50,7 +38,8 @@ FINETUNE_VALIDATION = ("pycerr_pat_2",)
 FINETUNE_LABELS = {"background": 0, "GTV-1": 1}
 VALIDATE_AT_END = 10**9  # fine-tuning validates after its last step only: the bench times training steps
 # imported once by the forkserver; torch._dynamo is what the first optimiser imports (seconds)
-PRELOAD = ["engine.bench.inference", "engine.bench.training", "engine.pretraining.run", "engine.finetuning.run", "torch._dynamo"]
+PRELOAD = ["engine.bench.inference", "engine.bench.training", "engine.pretraining.run", "engine.finetuning.run",
+           "torch._dynamo"]
 
 
 @dataclass(frozen=True)

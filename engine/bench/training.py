@@ -61,8 +61,9 @@ def measure_pretrain(job: PretrainJob) -> dict:
     overrides = {**job.overrides, "train.amp": job.amp}
     cfg = build_config(job.preset, job.method, overrides)
     t0 = time.perf_counter()
-    run_pretrain(PretrainRequest(str(data), str(out / "run"), method=job.method, preset=job.preset, steps=job.warmup + job.steps,
-                 progress="none", overrides=overrides))
+    request = PretrainRequest(str(data), str(out / "run"), method=job.method, preset=job.preset,
+                              steps=job.warmup + job.steps, progress="none", overrides=overrides)
+    run_pretrain(request)
     seconds = step_seconds(out / "run" / "log.jsonl")[job.warmup:]
     step_s, peak = statistics.median(seconds), peak_rss_gb()  # the peak before counting FLOPs
     flops = pretrain_step_flops(cfg)
@@ -104,8 +105,9 @@ def measure_finetune(job: FinetuneJob) -> dict:
     cfg = build_finetune_config(job.preset, "segmentation", None, overrides)
     per_epoch = steps_per_epoch(len(job.training), cfg.data.batch_size)
     t0 = time.perf_counter()
-    run_finetune(FinetuneRequest(str(data), str(out / "run"), preset=job.preset, steps=job.warmup + job.epochs * per_epoch,
-                 progress="none", overrides=overrides))
+    request = FinetuneRequest(str(data), str(out / "run"), preset=job.preset,
+                              steps=job.warmup + job.epochs * per_epoch, progress="none", overrides=overrides)
+    run_finetune(request)
     seconds = step_seconds(out / "run" / "log.jsonl")[job.warmup:]
     step_s, peak = statistics.median(seconds), peak_rss_gb()
     flops = finetune_step_flops(cfg, len(job.labels))

@@ -6,14 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config.schema import (
-    build_dataclass,
-    check_choice,
-    load_preset,
-    merge_trees,
-    to_plain,
-    undot,
-)
+from engine.config.schema import build_dataclass, check_choice, load_preset, merge_trees, to_plain, undot
 from engine.config.sections import DataConfig, DecoderConfig, EncoderConfig, TrainConfig
 from engine.errors import UserError
 

@@ -1,4 +1,5 @@
-"""The configuration machinery: YAML presets, dotted overrides merged into nested trees, typed frozen dataclasses built from them with did-you-mean errors."""
+"""The configuration machinery: YAML presets, dotted overrides merged into nested trees, typed frozen dataclasses
+built from them with did-you-mean errors."""
 from __future__ import annotations
 
 import dataclasses

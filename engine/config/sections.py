@@ -1,4 +1,5 @@
-"""Configuration sections shared by pre-training and fine-tuning: the encoder, the MAE decoder, the data and the training loop."""
+"""Configuration sections shared by pre-training and fine-tuning: the encoder, the MAE decoder, the data and the
+training loop."""
 from __future__ import annotations
 
 import math

@@ -12,11 +12,7 @@ from monai.metrics import compute_roc_auc
 from engine.config.finetune import FinetuneConfig
 from engine.data.labelled import CaseSelection, ClassificationDataset
 from engine.errors import UserError
-from engine.finetuning.data import (
-    IMAGE,
-    cached,
-    classification_transforms,
-)
+from engine.finetuning.data import IMAGE, cached, classification_transforms
 from engine.models.classifier import HybridClassifier
 from engine.runtime.device import autocast
 from engine.runtime.distributed import DistInfo

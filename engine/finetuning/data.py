@@ -10,14 +10,7 @@ from monai import transforms as T
 from monai.data import CacheDataset
 
 from engine.config.finetune import FinetuneConfig
-from engine.imageio.geometry import (
-    body_level,
-    body_select,
-    image_array,
-    label_to_grid,
-    to_model_grid,
-    window,
-)
+from engine.imageio.geometry import body_level, body_select, image_array, label_to_grid, to_model_grid, window
 from engine.imageio.volumes import array_xyz, read_image
 
 IMAGE, LABEL = "image", "label"

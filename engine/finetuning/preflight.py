@@ -1,4 +1,5 @@
-"""Fine-tuning's memory pre-flight: reading and caching the cases, a training step measured on the meta device with the task's own step function, and validation."""
+"""Fine-tuning's memory pre-flight: reading and caching the cases, a training step measured on the meta device with
+the task's own step function, and validation."""
 from __future__ import annotations
 
 import copy
@@ -8,12 +9,21 @@ import torch
 import torch.nn as nn
 
 from engine.config.finetune import FinetuneConfig, finetune_config_from_dict
+from engine.finetuning.weights import freeze
 from engine.imageio.volumes import VolumeHeader
 from engine.inference.preflight import forward_peak, tile_peak
-from engine.runtime.memory import (
-    F32,
-    Activations,
-    MemoryEstimate,
+from engine.runtime.memory import F32, Activations, MemoryEstimate
+from engine.training.preflight import (
+    as_flags,
+    changed_config,
+    check_fits,
+    grid_voxels,
+    load_peak,
+    meta_batch,
+    optimiser_bytes,
+    read_headers,
+    training_estimate,
+    training_step_peak,
 )
 
 FINETUNE_LOAD = (0, 26)
@@ -75,19 +85,6 @@ def check_finetune(job, device: torch.device, resume: bool) -> MemoryEstimate:
     return check_fits(lambda cfg: finetune_estimate(_with_config(job, cfg)), job.cfg, finetune_alternatives, device,
                   resume, f"fine-tuning {job.kind} ({job.cfg.preset} preset)",
                   "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing")
-from engine.finetuning.weights import freeze
-from engine.training.preflight import (
-    as_flags,
-    changed_config,
-    check_fits,
-    grid_voxels,
-    load_peak,
-    meta_batch,
-    optimiser_bytes,
-    read_headers,
-    training_estimate,
-    training_step_peak,
-)
 
 
 def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, Callable[[], FinetuneConfig]]]:

@@ -13,30 +13,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.config.finetune import (
-    TASKS,
-    FinetuneConfig,
-    build_finetune_config,
-    finetune_config_from_dict,
-)
+from engine.config.finetune import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
 from engine.config.schema import check_choice
-from engine.data.labelled import (
-    CaseSelection,
-    load_classification_dataset,
-    load_dataset,
-    select_cases,
-)
+from engine.data.labelled import CaseSelection, load_classification_dataset, load_dataset, select_cases
 from engine.errors import UserError
 from engine.finetuning.classification import ClassificationTask
 from engine.finetuning.data import steps_per_epoch
 from engine.finetuning.preflight import check_finetune
 from engine.finetuning.segmentation import SegmentationTask
-from engine.finetuning.weights import (
-    PretrainedWeights,
-    freeze,
-    load_pretrained,
-    read_pretrained,
-)
+from engine.finetuning.weights import PretrainedWeights, freeze, load_pretrained, read_pretrained
 from engine.runtime import distributed
 from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import save_checkpoint, unwrap

@@ -14,12 +14,7 @@ from monai.networks.utils import one_hot
 
 from engine.config.finetune import FinetuneConfig
 from engine.data.labelled import CaseSelection, LabelledDataset, verify_cases
-from engine.finetuning.data import (
-    IMAGE,
-    LABEL,
-    cached,
-    segmentation_transforms,
-)
+from engine.finetuning.data import IMAGE, LABEL, cached, segmentation_transforms
 from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.distributed import DistInfo

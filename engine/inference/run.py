@@ -20,22 +20,10 @@ from monai.inferers import SlidingWindowInferer
 from engine.config.finetune import finetune_config_from_dict
 from engine.data.labelled import case_name
 from engine.errors import UserError
-from engine.imageio.geometry import (
-    back_to_input,
-    body_box,
-    image_array,
-    resample_channel,
-    to_model_grid,
-    window,
-)
+from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.imageio.volumes import dicom_series, is_volume_file, read_input
-from engine.inference.preflight import (
-    InferencePreflight,
-    VolumePlan,
-    check_volume,
-    dry_run_record,
-)
+from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, dry_run_record
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import load_checkpoint
 from engine.runtime.device import amp_dtype, autocast, pick_device

@@ -8,13 +8,7 @@ import torch
 import torch.nn as nn
 
 from engine.config.pretrain import PretrainConfig
-from engine.losses import (
-    byol_alignment,
-    ce_alignment,
-    level_weights,
-    pool_blocks,
-    reconstruction_loss,
-)
+from engine.losses import byol_alignment, ce_alignment, level_weights, pool_blocks, reconstruction_loss
 from engine.masking import LevelViews
 from engine.models.blocks import mlp
 from engine.models.decoder import MAEDecoder

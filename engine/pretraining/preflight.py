@@ -1,4 +1,5 @@
-"""Pre-training's memory pre-flight: reading and caching the volumes, then a training step measured on the meta device with pre-training's own step function."""
+"""Pre-training's memory pre-flight: reading and caching the volumes, then a training step measured on the meta
+device with pre-training's own step function."""
 from __future__ import annotations
 
 import os
@@ -7,11 +8,21 @@ from typing import Callable
 import torch
 
 from engine.config.pretrain import PretrainConfig, config_from_dict
+from engine.models import build_pretrainer
 from engine.pretraining.data import IN_MEMORY_CACHE_MAX
-from engine.runtime.memory import (
-    F32,
-    Activations,
-    MemoryEstimate,
+from engine.pretraining.step import step_function
+from engine.runtime.memory import F32, Activations, MemoryEstimate
+from engine.training.preflight import (
+    as_flags,
+    changed_config,
+    check_fits,
+    grid_voxels,
+    load_peak,
+    meta_batch,
+    optimiser_bytes,
+    read_headers,
+    training_estimate,
+    training_step_peak,
 )
 
 # Bytes a volume costs while it is read, per voxel of the file (on top of its pixel bytes) and per voxel of the
@@ -56,20 +67,6 @@ def check_pretrain(cfg: PretrainConfig, items: list[dict], device: torch.device,
     return check_fits(lambda changed: pretrain_estimate(changed, items), cfg, pretrain_alternatives, device, resume,
                   f"pre-training {cfg.method} ({cfg.preset} preset)",
                   "the cached volumes are the bulk: --set data.cache_dir=FOLDER keeps them on disk instead")
-from engine.models import build_pretrainer
-from engine.pretraining.step import step_function
-from engine.training.preflight import (
-    as_flags,
-    changed_config,
-    check_fits,
-    grid_voxels,
-    load_peak,
-    meta_batch,
-    optimiser_bytes,
-    read_headers,
-    training_estimate,
-    training_step_peak,
-)
 
 
 def pretrain_alternatives(cfg: PretrainConfig) -> list[tuple[str, Callable[[], PretrainConfig]]]:

@@ -13,13 +13,7 @@ from typing import Any
 
 import yaml
 
-from engine.config.schema import (
-    build_dataclass,
-    check_choice,
-    merge_trees,
-    to_plain,
-    undot,
-)
+from engine.config.schema import build_dataclass, check_choice, merge_trees, to_plain, undot
 from engine.errors import UserError
 
 STUDY_PRESET_DIR = Path(__file__).parents[1] / "configs" / "study"

@@ -47,9 +47,10 @@ def pretrain_once(method: str, cfg: StudyConfig, data: StudyData, run_dir: Path,
         return checkpoint
     t0 = time.perf_counter()
     resume = checkpoint.exists()
-    result = run_pretrain(PretrainRequest(str(data.pretrain), str(run_dir), method=method, preset=cfg.pretrain.preset,
-                          steps=cfg.pretrain.steps, resume=resume, seed=cfg.pretrain.seed, progress=progress,
-                          device=device, overrides=None if resume else dict(cfg.pretrain.overrides)))
+    request = PretrainRequest(str(data.pretrain), str(run_dir), method=method, preset=cfg.pretrain.preset,
+                              steps=cfg.pretrain.steps, resume=resume, seed=cfg.pretrain.seed, progress=progress,
+                              device=device, overrides=None if resume else dict(cfg.pretrain.overrides))
+    result = run_pretrain(request)
     if result.stopped_early:
         raise KeyboardInterrupt
     write_json({"method": method, "steps": result.step, "seconds": round(time.perf_counter() - t0, 1),
@@ -86,10 +87,11 @@ def _finetune(spec: RunSpec, cfg: StudyConfig, data: StudyData, checkpoint: Path
     is a readout of the fit (train_dice), so it runs without window overlap to stay cheap."""
     resume = (out / CHECKPOINT).exists()
     overrides = None if resume else {**cfg.finetune.overrides, "val.every": cfg.finetune.steps, "val.overlap": 0.0}
-    result = run_finetune(FinetuneRequest(str(data.dataset), str(out), task="segmentation",
-                          pretrained=str(checkpoint) if checkpoint else None, preset=cfg.finetune.preset,
-                          steps=cfg.finetune.steps, train_cases=spec.n_cases, seed=spec.seed, resume=resume,
-                          progress=progress, device=device, overrides=overrides))
+    request = FinetuneRequest(str(data.dataset), str(out), task="segmentation",
+                              pretrained=str(checkpoint) if checkpoint else None, preset=cfg.finetune.preset,
+                              steps=cfg.finetune.steps, train_cases=spec.n_cases, seed=spec.seed, resume=resume,
+                              progress=progress, device=device, overrides=overrides)
+    result = run_finetune(request)
     if result.stopped_early:
         raise KeyboardInterrupt
     return result
@@ -98,8 +100,9 @@ def _finetune(spec: RunSpec, cfg: StudyConfig, data: StudyData, checkpoint: Path
 def _test_dice(model: Path, case: dict, data: StudyData, folder: Path, cfg: StudyConfig, device: str) -> float:
     """Segment one test case on its own grid with the engine's inference, then the engine's Dice."""
     prediction = folder / f"{case['name']}_seg.nii.gz"
-    run_infer(InferRequest(str(model), case["image"], str(prediction), device=device, overlap=cfg.evaluate.overlap,
-              progress="none"))
+    request = InferRequest(str(model), case["image"], str(prediction), device=device, overlap=cfg.evaluate.overlap,
+                           progress="none")
+    run_infer(request)
     scores = run_evaluate(str(prediction), case["label"], labels=str(data.dataset))
     dice = next(iter(scores["cases"].values()))[cfg.task.label]["dice"]
     return float("nan") if dice is None else round(float(dice), 6)
