@@ -6,7 +6,8 @@ import torch
 from engine.config.pretrain import build_config
 from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
-from engine.models.hybrid_encoder import HybridEncoder, gather_tokens
+from engine.models.hybrid_encoder import HybridEncoder, depthwise, gather_tokens
+from engine.runtime.device import guard_small_convolutions
 
 
 def tiny_encoder(roi=32):
@@ -69,8 +70,29 @@ def test_encoder_equals_its_convolutions_in_value_and_gradient():
     reference = {n: p.grad.clone() for n, p in enc.named_parameters()}
     enc.zero_grad()
     tokens.backward(cotangent)
-    for n, p in enc.named_parameters():
-        assert torch.allclose(p.grad, reference[n], atol=1e-5, rtol=1e-3), n
+    for n, p in enc.named_parameters():  # summation orders differ (kernels, threads): relative to the gradient's norm
+        err, norm = float((p.grad - reference[n]).norm()), float(reference[n].norm())
+        assert err <= 1e-5 * norm, (n, err, norm)
+
+
+@pytest.mark.parametrize("groups", [1, 48], ids=["dense", "depthwise"])
+def test_weight_gradient_of_a_map_smaller_than_the_kernel_is_right_under_bf16_autocast(groups):
+    """oneDNN's AVX-512 BF16 weight gradient is wrong (garbage, inf, NaN) when a side of the input is shorter than the
+    kernel, e.g. the 1/16 skip of the segmenter at ROI 32 (2^3) or stage 3 of the encoder (4^3, kernel 5)."""
+    torch.manual_seed(0)
+    kernel, side = (3, 2) if groups == 1 else (5, 4)
+    conv = guard_small_convolutions(torch.nn.Conv3d(48, 48, kernel, padding=kernel // 2, groups=groups))
+    x = torch.randn(2, side, side, side, 48)  # channels-last, as the encoder's stages and the decoder see them
+    cotangent = torch.randn(2, side, side, side, 48)
+    reference = conv.double()(x.double().permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    reference.backward(cotangent.double())
+    expected, conv = conv.weight.grad.clone(), conv.float()
+    conv.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = depthwise(x, conv) if groups > 1 else conv(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
+    y.backward(cotangent.to(y.dtype))
+    assert torch.isfinite(conv.weight.grad).all()
+    assert (conv.weight.grad.double() - expected).norm() <= 0.02 * expected.norm()
 
 
 def test_masked_voxels_do_not_leak_into_visible_tokens():

@@ -4,6 +4,8 @@
     python preflight_probe.py finetune DATASET_JSON RUN_DIR [PRESET [TASK]]
     python preflight_probe.py pretrain DATA RUN_DIR [PRESET [METHOD]]
 
+PROBE_AMP=off|bf16 in the environment sets train.amp of a training command (default: the preset's, `auto`).
+
 The command first runs with its memory check on, up to the check, which records the estimate and stops it (so
 every import and the estimate's own work happen before the measurement, as they happen before the check in a real
 run). Then the peak resident set is reset to the current one, the command runs for real with the check off, and the
@@ -12,6 +14,7 @@ parent's peak (it survives fork and exec) and cannot be reset. Prints {"estimate
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,25 +64,30 @@ def command(kind: str, paths: tuple[str, ...], found: dict):
         weights = load_checkpoint(model)["model"]  # loaded before the check: not in the volume's estimate
 
         def run(check: bool):
-            engine.inference.run.run_infer(engine.inference.run.InferRequest(model, image, output, device="cpu", progress="none", check_memory=check,
-                                       sw_batch_size=found.get("tile_batch")))
+            request = engine.inference.run.InferRequest(model, image, output, device="cpu", progress="none",
+                                                        check_memory=check, sw_batch_size=found.get("tile_batch"))
+            engine.inference.run.run_infer(request)
         return run, sum(t.numel() * t.element_size() for t in weights.values())
     data, out, *options = paths
     preset = options[0] if options else "tiny"
+    amp = {"train.amp": os.environ["PROBE_AMP"]} if os.environ.get("PROBE_AMP") else {}
     variant = options[1] if len(options) > 1 else ""  # the task or the method (default: segmentation, mim)
     if kind == "finetune":
         record_estimate(engine.finetuning.run, "check_finetune", found)
 
         def run(check: bool):
-            engine.finetuning.run.run_finetune(engine.finetuning.run.FinetuneRequest(data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0,
-                                         device="cpu", progress="none", overrides={"val.every": 1},
-                                         check_memory=check))
+            request = engine.finetuning.run.FinetuneRequest(
+                data, out, task=variant or "segmentation", preset=preset, steps=2, fold=0, device="cpu",
+                progress="none", overrides={"val.every": 1, **amp}, check_memory=check)
+            engine.finetuning.run.run_finetune(request)
     else:
         record_estimate(engine.pretraining.run, "check_pretrain", found)
 
         def run(check: bool):
-            engine.pretraining.run.run_pretrain(engine.pretraining.run.PretrainRequest(data, out, method=variant or "mim", preset=preset, steps=2, device="cpu",
-                                         progress="none", check_memory=check))
+            request = engine.pretraining.run.PretrainRequest(
+                data, out, method=variant or "mim", preset=preset, steps=2, device="cpu", overrides=amp,
+                progress="none", check_memory=check)
+            engine.pretraining.run.run_pretrain(request)
     return run, 0
 
 

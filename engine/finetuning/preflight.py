@@ -83,8 +83,8 @@ def _validation_peak(job, model: nn.Module, headers: list[VolumeHeader]) -> Acti
 def check_finetune(job, device: torch.device, resume: bool) -> MemoryEstimate:
     """Refuse a fine-tuning run whose estimated peak does not fit, naming a setting that would."""
     return check_fits(lambda cfg: finetune_estimate(_with_config(job, cfg)), job.cfg, finetune_alternatives, device,
-                  resume, f"fine-tuning {job.kind} ({job.cfg.preset} preset)",
-                  "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing")
+                      resume, f"fine-tuning {job.kind} ({job.cfg.preset} preset)",
+                      "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing")
 
 
 def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, Callable[[], FinetuneConfig]]]:

@@ -8,6 +8,7 @@ from engine.config.schema import check_choice
 from engine.models.hybrid_encoder import HybridEncoder
 from engine.models.hybridmim import HybridMIMPretrainer
 from engine.models.mim import MiMPretrainer
+from engine.runtime.device import guard_small_convolutions
 
 __all__ = ["build_pretrainer", "HybridEncoder", "MiMPretrainer", "HybridMIMPretrainer"]
 
@@ -15,6 +16,5 @@ __all__ = ["build_pretrainer", "HybridEncoder", "MiMPretrainer", "HybridMIMPretr
 def build_pretrainer(cfg: PretrainConfig) -> nn.Module:
     """mim and mae share MiMPretrainer (mae is its one-level case); hybridmim has its own heads."""
     check_choice("method", cfg.method, METHODS)
-    if cfg.method == "hybridmim":
-        return HybridMIMPretrainer(cfg)
-    return MiMPretrainer(cfg)
+    model = HybridMIMPretrainer(cfg) if cfg.method == "hybridmim" else MiMPretrainer(cfg)
+    return guard_small_convolutions(model)

@@ -21,6 +21,7 @@ from monai.networks.blocks import TransformerBlock
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 
 from engine.config.sections import EncoderConfig
+from engine.runtime.device import smaller_than_kernel
 
 
 def pointwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
@@ -59,8 +60,10 @@ class _DepthwiseConv3d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = F.conv3d(grad, weight.flip(2, 3, 4).to(grad.dtype), padding=pad, groups=groups).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # oneDNN's bf16 weight gradient is wrong on a map smaller than the kernel (engine.device): fp32 there
+            dtype = torch.float32 if smaller_than_kernel(x, weight.shape[2:]) else grad.dtype
             _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x.to(grad.dtype), weight.to(grad.dtype), [groups] if ctx.has_bias else None, [1] * 3,
+                grad.to(dtype), x.to(dtype), weight.to(dtype), [groups] if ctx.has_bias else None, [1] * 3,
                 [pad] * 3, [1] * 3, False, [0] * 3, groups, [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]])
             grad_w = None if grad_w is None else grad_w.to(weight.dtype)
             grad_b = None if grad_b is None else grad_b.to(weight.dtype)

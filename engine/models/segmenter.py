@@ -10,6 +10,7 @@ from monai.networks.nets import SwinUNETR
 
 from engine.config.sections import EncoderConfig
 from engine.models.hybrid_encoder import HybridEncoder, keep_position_embedding
+from engine.runtime.device import guard_small_convolutions
 
 NORM = "instance"
 
@@ -77,5 +78,7 @@ class SwinSegmenter(SwinUNETR):
 def build_segmenter(backbone: str, encoder_cfg: EncoderConfig, roi: int, out_channels: int,
                     feature_size: int) -> nn.Module:
     if backbone == "swinunetr":
-        return SwinSegmenter(encoder_cfg.in_channels, out_channels, feature_size)
-    return HybridSegmenter(encoder_cfg, roi, out_channels, feature_size)
+        model = SwinSegmenter(encoder_cfg.in_channels, out_channels, feature_size)
+    else:
+        model = HybridSegmenter(encoder_cfg, roi, out_channels, feature_size)
+    return guard_small_convolutions(model)  # e.g. the 1/16 skip at ROI 32 (2^3 voxels, 3^3 kernels)
