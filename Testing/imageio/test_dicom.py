@@ -17,6 +17,7 @@ from engine_testing import real_ct_series
 
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
+from engine.data.check import check_dataset
 from engine.errors import UserError
 from engine.imageio import slices as kinds
 from engine.imageio.dicom import read_dicom, series_geometry
@@ -278,3 +279,71 @@ def test_infer_on_a_regular_series_records_it_as_such(series, model, tmp_path, c
     assert record == {"series": "1.2.826.0.1.3680043.2.1125.1.20", "slices": 24, "geometry": ["regular"],
                       "resampled": False}
     assert _same_grid(sitk.ReadImage(str(out)), read_image(series["regular"]))
+
+
+def test_data_check_lists_every_kind_for_a_whole_dataset(series, tmp_path, capfd):
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps({"labels": {"background": 0, "tumour": 1}, "training": [
+        {"image": str(series[name])} for name in CASES]}))
+    report = check_dataset(str(dataset))
+    by_image = {Path(r["image"]).name: r for r in report["reports"]}
+    for name, (_, _, words) in CASES.items():
+        problems, notes = by_image[name]["problems"], by_image[name]["notes"]
+        if name in REFUSED:
+            assert len(problems) == 1 and words in problems[0] and not notes, (name, problems, notes)
+        elif name in RESAMPLED:
+            assert not problems and len(notes) == 1 and words in notes[0], (name, problems, notes)
+        else:
+            assert not problems and not notes
+    assert report["ok"] == 1 + len(RESAMPLED) and report["notes"] == len(RESAMPLED)
+    assert main(["data", "check", str(series["root"])]) == 1  # the folder: every series folder under it
+    out = capfd.readouterr().out
+    assert f"{len(CASES) + 1} case(s): {2 + len(RESAMPLED)} fine, {len(REFUSED)} with problems; " \
+           f"{len(RESAMPLED)} DICOM series will be resampled (~)" in out
+    assert out.count("\n  - ") == len(REFUSED) and out.count("\n  ~ ") == len(RESAMPLED)
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_pretrain_refuses_in_one_line_and_writes_nothing(name, series, tmp_path, capfd):
+    out = tmp_path / "run"
+    _one_line_error(["pretrain", "--data", str(series[name]), "--out", str(out), "--preset", "tiny", "--steps", "1",
+                     "--progress", "none"], capfd, REFUSED[name][2])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_finetune_refuses_in_one_line_and_writes_nothing(name, series, tmp_path, capfd):
+    dataset = _labelled(tmp_path, [series[name], series["regular"]], series["label"])
+    out = tmp_path / "ft"
+    _one_line_error(["finetune", "--data", str(dataset), "--out", str(out), "--steps", "1", "--progress", "none"],
+                    capfd, REFUSED[name][2])
+    assert not out.exists()
+
+
+def _labelled(folder: Path, images: list[Path], label: Path) -> Path:
+    dataset = folder / "dataset.json"
+    dataset.write_text(json.dumps({"labels": {"background": 0, "tumour": 1, "cord": 2, "lung_r": 3, "lung_l": 4},
+                                   "training": [{"image": str(i), "label": str(label)} for i in images]}))
+    return dataset
+
+
+def test_pretrain_on_resampled_series_says_so_once_each(series, tmp_path, caplog):
+    data = tmp_path / "data"  # new folders: a resampled series is said once per folder and process
+    for name in ("reordered", *RESAMPLED):
+        shutil.copytree(series[name], data / name)
+    assert main(["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--preset", "tiny", "--steps", "1",
+                 "--progress", "none"]) == 0
+    said = _said(caplog)
+    assert sorted(Path(line.split(": ")[0]).name for line in said) == sorted(RESAMPLED), said
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_finetune_on_a_series_with_a_missing_slice_uses_its_own_label(series, tmp_path, caplog):
+    """The filled-in series lies on the regular series' grid, so the label drawn on that grid fits it exactly."""
+    shutil.copytree(series["missing"], tmp_path / "missing")  # a new folder: said once per folder and process
+    dataset = _labelled(tmp_path, [tmp_path / "missing"], series["label"])
+    assert main(["finetune", "--data", str(dataset), "--out", str(tmp_path / "ft"), "--steps", "1",
+                 "--progress", "none"]) == 0
+    said = _said(caplog)
+    assert len(said) == 1 and RESAMPLED["missing"][2] in said[0], said
+    assert (tmp_path / "ft" / "model.pt").exists()
