@@ -88,7 +88,8 @@ def _progress_arg(p) -> None:
 
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (MiM, MAE or HybridMIM)")
-    p.add_argument("--data", required=True, help="folder of CT volumes, or a decathlon dataset JSON")
+    p.add_argument("--data", required=True, help="folder of CT volumes (and DICOM series folders), or a decathlon "
+                   "dataset JSON")
     p.add_argument("--method", default="mim", help="mim | mae | hybridmim")
     p.add_argument("--preset", default="tiny", help="tiny | small | base")
     p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
@@ -199,7 +200,7 @@ def _add_data(sub) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of the fold assignment")
     q.set_defaults(func=_data_index)
     c = data_sub.add_parser("check", help="verify every volume (and label) before a long run; exit 1 on problems")
-    c.add_argument("path", help="a folder of volumes or a dataset JSON")
+    c.add_argument("path", help="a folder of volumes (and DICOM series folders) or a dataset JSON")
     c.add_argument("--workers", type=int, default=2, help="volumes read in parallel")
     c.add_argument("--json", help="also write the full report here")
     c.set_defaults(func=_data_check)

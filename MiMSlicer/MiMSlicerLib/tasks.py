@@ -97,6 +97,13 @@ class Task(abc.ABC):
     def onEvent(self, event):
         pass
 
+    def writeInput(self, volumeNode, path):
+        """The volume as the engine's input file; one sent through its non-linear transform is said in the log."""
+        if volumeIO.hasNonLinearTransform(volumeNode):
+            self.logLines.append(f"{volumeNode.GetName()}: sent as its non-linear transform places it (Slicer's "
+                                 "DICOM acquisition-geometry regularisation), resampled on its own grid")
+        return volumeIO.writeVolume(volumeNode, path)
+
     @abc.abstractmethod
     def load(self):
         """Create the result nodes (called inside a SceneTransaction: all or none); return the result."""
@@ -167,7 +174,7 @@ class ReconstructTask(Task):
         self.volumeNode, self.checkpoint, self.seed, self.center = volumeNode, checkpoint, seed, center
 
     def prepare(self, folder):
-        image = volumeIO.writeVolume(self.volumeNode, os.path.join(folder, "input.nii"))
+        image = self.writeInput(self.volumeNode, os.path.join(folder, "input.nii"))
         args = ["--checkpoint", self.checkpoint, "--image", image, "--out", os.path.join(folder, "out"),
                 "--seed", int(self.seed), "--device", self.device]
         if self.center is not None:
@@ -194,7 +201,7 @@ class SegmentTask(Task):
         self.name = name or f"{volumeNode.GetName()} MiM segmentation"
 
     def prepare(self, folder):
-        image = volumeIO.writeVolume(self.volumeNode, os.path.join(folder, "input.nii"))
+        image = self.writeInput(self.volumeNode, os.path.join(folder, "input.nii"))
         return jobs.engineCommand("infer", "--checkpoint", self.model, "--input", image,
                                   "--output", os.path.join(folder, "segmentation.nii.gz"), "--device", self.device)
 

@@ -11,14 +11,37 @@ import slicer
 
 
 def writeVolume(volumeNode, path):
-    """Write a scalar or labelmap volume (NIfTI/NRRD by extension). World transforms are not applied: the engine
-    sees the volume's own RAS geometry, as a file saved from Slicer would have."""
+    """Write a scalar or labelmap volume (NIfTI/NRRD by extension). Linear world transforms are not applied: the
+    engine sees the volume's own RAS geometry, as a file saved from Slicer would have. A non-linear one is: it is
+    how Slicer's DICOM loader regularises an irregular series (missing slices, gantry tilt: its acquisition
+    transform), so the engine gets what the loader regularised, not the raw slices at their averaged spacing."""
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(os.fspath(path))
     storage.UseCompressionOff()
-    if not storage.WriteData(volumeNode):
+    if not storage.WriteData(regularised(volumeNode)):
         raise RuntimeError(f"could not write '{volumeNode.GetName()}' to {path}")
     return os.fspath(path)
+
+
+def hasNonLinearTransform(volumeNode):
+    parent = volumeNode.GetParentTransformNode()
+    return parent is not None and not parent.IsTransformToWorldLinear()
+
+
+def regularised(volumeNode):
+    """The volume itself or, under a non-linear transform, a copy outside the scene resampled through it onto the
+    volume's own grid: the voxels where the transform shows them, as hardening the transform in Slicer gives."""
+    if not hasNonLinearTransform(volumeNode) or isinstance(volumeNode, slicer.vtkMRMLLabelMapVolumeNode):
+        return volumeNode
+    toWorld = vtk.vtkGeneralTransform()
+    volumeNode.GetParentTransformNode().GetTransformToWorld(toWorld)
+    copy = slicer.vtkMRMLScalarVolumeNode()
+    image = vtk.vtkImageData()
+    image.DeepCopy(volumeNode.GetImageData())
+    copy.SetAndObserveImageData(image)
+    copy.SetIJKToRASMatrix(ijkToRasMatrix(volumeNode))
+    copy.ApplyNonLinearTransform(toWorld)
+    return copy
 
 
 def readVolume(scene, path, name, className="vtkMRMLScalarVolumeNode"):
@@ -84,10 +107,14 @@ def removeNode(scene, node):
             scene.RemoveNode(helper)
 
 
-def ijkToRas(volumeNode):
+def ijkToRasMatrix(volumeNode):
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return slicer.util.arrayFromVTKMatrix(matrix)
+    return matrix
+
+
+def ijkToRas(volumeNode):
+    return slicer.util.arrayFromVTKMatrix(ijkToRasMatrix(volumeNode))
 
 
 def voxelCornerBounds(volumeNode):

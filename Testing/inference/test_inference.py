@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import torch.nn as nn
+from engine_testing import write_dicom_series
 
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
@@ -101,32 +102,13 @@ def test_output_lies_exactly_on_the_input_grid(name):
         assert _dice(found == 7, np.flip(blob, axis)) < 0.6
 
 
-def _dicom_series(image: sitk.Image, folder, series_uid: str, prefix: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    d = image.GetDirection()
-    orientation = "\\".join(f"{v:.6f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    for k in range(image.GetDepth()):
-        sl = image[:, :, k]
-        tags = {"0008|0060": "CT", "0010|0010": "Phantom^Test", "0020|000d": "1.2.826.0.1.3680043.2.1125.1.1",
-                "0020|000e": series_uid, "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
-                "0020|0032": "\\".join(f"{v:.6f}" for v in image.TransformIndexToPhysicalPoint((0, 0, k))),
-                "0020|0037": orientation, "0018|0050": f"{image.GetSpacing()[2]:.6f}",
-                "0028|1053": "1", "0028|1052": "0"}
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(sl)
-
-
 def test_dicom_folder_restores_its_grid_and_several_series_are_refused(constant_model, tmp_path, capsys):
     big, blob = _phantom((40, 36, 14), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1), origin=(-20.0, 10.0, -60.0))
     small, _ = _phantom((40, 36, 6), (0.8, 0.8, 2.5), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    _dicom_series(big, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.2", "a")
-    image, note = read_input(tmp_path / "dicom")
+    write_dicom_series(big, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.2", "a")
+    image, dicom = read_input(tmp_path / "dicom")
     assert image.GetSize() == big.GetSize()
-    assert "14 slices" in note
+    assert "14 slices" in dicom.note and dicom.geometry.kinds == ("regular",)
     assert np.allclose(image.GetOrigin(), big.GetOrigin(), atol=1e-4)
     assert np.allclose(image.GetSpacing(), big.GetSpacing(), atol=1e-4)
     spec = ModelSpec({"background": 0, "blob": 1}, (1.5, 1.5, 1.5), WINDOW, roi=16)
@@ -134,7 +116,7 @@ def test_dicom_folder_restores_its_grid_and_several_series_are_refused(constant_
     assert (out.GetSize(), out.GetOrigin(), out.GetSpacing(), out.GetDirection()) == \
         (image.GetSize(), image.GetOrigin(), image.GetSpacing(), image.GetDirection())
     assert _dice(sitk.GetArrayFromImage(out) == 1, blob) > 0.85
-    _dicom_series(small, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.3", "b")
+    write_dicom_series(small, tmp_path / "dicom", "1.2.826.0.1.3680043.2.1125.1.3", "b")
     out = tmp_path / "seg.nii.gz"  # a second series joins the folder
     assert main(["infer", "--checkpoint", str(constant_model), "--input", str(tmp_path / "dicom"),
                  "--output", str(out)]) == 2
@@ -187,7 +169,7 @@ def test_label_names_and_values_survive_to_the_output(constant_model, tmp_path, 
 
 def test_infer_on_a_dicom_folder_and_clear_errors(constant_model, tmp_path):
     image, _ = _phantom((24, 24, 8), (1.0, 1.0, 3.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    _dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1.9", "s")
+    write_dicom_series(image, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1.9", "s")
     out = tmp_path / "series_seg.nii.gz"
     assert main(["infer", "--checkpoint", str(constant_model), "--input", str(tmp_path / "series"),
                  "--output", str(out), "--progress", "none"]) == 0

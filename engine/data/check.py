@@ -1,5 +1,6 @@
 """`data check`: verify every volume of a dataset before a long run (in parallel), and `data cache`: pre-build
-the persistent preprocessing cache. Both read a folder of volumes or a dataset JSON."""
+the persistent preprocessing cache. Both read a folder of volumes or a dataset JSON. An irregular DICOM series is a
+problem when the commands would refuse it, and a note when they would resample it (`imageio.dicom`)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ import SimpleITK as sitk
 from engine.data.datalist import resolve_datalist
 from engine.errors import UserError
 from engine.imageio.geometry import grid_difference
-from engine.imageio.volumes import read_image
+from engine.imageio.volumes import read_image, read_input
 from engine.pretraining.data import pretrain_dataset
 
 SANE_SPACING_MM = (0.05, 20.0)
@@ -26,6 +27,7 @@ class CaseReport:
     image: str
     label: str | None = None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading took that a user should know (a resampled series)
     size: list[int] | None = None
     spacing: list[float] | None = None
 
@@ -37,7 +39,7 @@ def check_dataset(path: str, workers: int = 2) -> dict:
         reports = list(pool.map(lambda item: check_case(item, declared), items))
     bad = [r for r in reports if r.problems]
     return {"cases": len(reports), "ok": len(reports) - len(bad), "problems": sum(len(r.problems) for r in bad),
-            "reports": [r.__dict__ for r in reports]}
+            "notes": sum(len(r.notes) for r in reports), "reports": [r.__dict__ for r in reports]}
 
 
 def _entries(path: str) -> tuple[list[dict], set[int] | None]:
@@ -59,7 +61,7 @@ def _entries(path: str) -> tuple[list[dict], set[int] | None]:
 
 def check_case(item: dict, declared: set[int] | None) -> CaseReport:
     report = CaseReport(str(item["image"]), item.get("label"))
-    image = _read(item["image"], report)
+    image = _read_image(item["image"], report)
     if image is not None:
         report.size, report.spacing = list(image.GetSize()), [round(s, 4) for s in image.GetSpacing()]
         _check_geometry(image, report)
@@ -68,6 +70,18 @@ def check_case(item: dict, declared: set[int] | None) -> CaseReport:
         if label is not None:
             _check_label(label, image, declared, report)
     return report
+
+
+def _read_image(path, report: CaseReport) -> sitk.Image | None:
+    """A volume file or a DICOM series folder; a resampled series is noted."""
+    try:
+        image, dicom = read_input(path)
+    except UserError as err:
+        report.problems.append(str(err))
+        return None
+    if dicom is not None and dicom.geometry.resampled:
+        report.notes.append(dicom.note)
+    return image
 
 
 def _read(path, report: CaseReport) -> sitk.Image | None:
@@ -102,10 +116,13 @@ def _check_label(label: sitk.Image, image: sitk.Image | None, declared: set[int]
 
 
 def format_report(report: dict) -> str:
-    lines = [f"{report['cases']} case(s): {report['ok']} fine, {report['cases'] - report['ok']} with problems"]
+    """A summary line, then `  - <problem>` (would be refused) and `  ~ <note>` (would be resampled) lines."""
+    resampled = f"; {report['notes']} DICOM series will be resampled (~)" if report.get("notes") else ""
+    lines = [f"{report['cases']} case(s): {report['ok']} fine, {report['cases'] - report['ok']} with problems"
+             + resampled]
     for case in report["reports"]:
-        for problem in case["problems"]:
-            lines.append(f"  - {problem}")
+        lines += [f"  - {problem}" for problem in case["problems"]]
+        lines += [f"  ~ {note}" for note in case.get("notes", [])]
     return "\n".join(lines)
 
 

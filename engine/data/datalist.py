@@ -1,4 +1,5 @@
-"""Lists of volumes: a folder of volumes or a MONAI decathlon JSON, as items [{"image": path, ...}]."""
+"""Lists of volumes: a folder of volumes (and of DICOM series folders) or a MONAI decathlon JSON, as items
+[{"image": path, ...}]."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import re
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.imageio.dicom import dicom_folders
 from engine.imageio.volumes import is_volume_file
 
 log = logging.getLogger(__name__)
@@ -32,12 +34,15 @@ def resolve_datalist(path: str | Path, section: str = "training", check_exists: 
 
 
 def _folder_items(folder: Path) -> list[dict]:
+    """Every volume file under `folder` (label files skipped), then every folder holding DICOM files."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and is_volume_file(p) and "labelsTr" not in p.parts)
     images = [p for p in files if not LABEL_NAME.search(p.name)]
     if len(images) < len(files):
         log.info("%s: skipped %d label file(s)", folder, len(files) - len(images))
+    images += dicom_folders(folder)
     if not images:
-        raise UserError(f"{folder}: no volumes found (looked for {', '.join(('.nii.gz', '.nii', '.nrrd', '.mha'))})")
+        raise UserError(f"{folder}: no volumes found (looked for {', '.join(('.nii.gz', '.nii', '.nrrd', '.mha'))} "
+                        "files and DICOM series folders)")
     return [{"image": str(p)} for p in images]
 
 

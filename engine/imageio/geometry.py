@@ -9,9 +9,8 @@ from functools import partial
 import numpy as np
 import SimpleITK as sitk
 
+from engine.imageio.dicom import AIR_HU  # the value of an image outside its own field of view
 from engine.imageio.volumes import array_xyz
-
-AIR_HU = -1024.0  # value of the image outside its own field of view
 
 
 def to_model_grid(image: sitk.Image, spacing, interpolator=sitk.sitkLinear,

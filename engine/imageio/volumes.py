@@ -4,10 +4,12 @@ Arrays follow MONAI's convention: axes (x, y, z) = (i, j, k), affine maps voxel 
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
 import zlib
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,7 +20,9 @@ from monai.data import ImageReader
 from monai.utils import MetaKeys, SpaceKeys
 
 from engine.errors import UserError
+from engine.imageio.dicom import DicomVolume, read_dicom, series_grid
 
+log = logging.getLogger(__name__)
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -28,10 +32,17 @@ def is_volume_file(path: str | os.PathLike) -> bool:
 
 
 def read_image(path: str | os.PathLike, max_voxels: int | None = None) -> sitk.Image:
-    """Read a 3D scalar volume, or raise a UserError that names the file and what is wrong with it.
+    """Read a 3D scalar volume (a file, or a folder holding one DICOM series), or raise a UserError that names the
+    file and what is wrong with it.
 
     The header is read first: a volume whose header claims more voxels than `max_voxels` (default: what fits in
-    half of this machine's memory as float32) is refused before anything is allocated."""
+    half of this machine's memory as float32) is refused before anything is allocated. An irregular DICOM series is
+    refused or resampled (`dicom.read_dicom`); a resampled one is reported once, in one line."""
+    if Path(path).is_dir():
+        volume = read_dicom(Path(path), max_voxels or _memory_voxels())
+        if volume.geometry.resampled:
+            _say_once(volume.note)
+        return volume.image
     path = _volume_path(path)
     if path.name.lower().endswith((".nii", ".nii.gz")):
         _check_nifti_floats(path)  # ITK's NIfTI reader turns NaN into 0 without a word
@@ -60,7 +71,11 @@ class VolumeHeader:
 
 
 def read_header(path: str | os.PathLike) -> VolumeHeader:
-    """The header of a volume file, checked as `read_image` checks it, without reading its voxels."""
+    """The header of a volume file (or the grid a DICOM series folder will be read onto), checked as `read_image`
+    checks it, without reading its voxels."""
+    if Path(path).is_dir():
+        grid, pixel_bytes = series_grid(Path(path))
+        return VolumeHeader(grid.size, grid.spacing, grid.direction, pixel_bytes)
     path = _volume_path(path)
     try:
         reader = _header_reader(path, None)
@@ -73,12 +88,15 @@ def read_header(path: str | os.PathLike) -> VolumeHeader:
                         one_voxel.GetSizeOfPixelComponent() * reader.GetNumberOfComponents())
 
 
+@cache
+def _say_once(note: str) -> None:
+    log.warning(note)
+
+
 def _volume_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder, expected a volume file")
     return path
 
 
@@ -210,38 +228,13 @@ class SimpleITKReader(ImageReader):
         return array_xyz(img), meta
 
 
-def read_input(path: str | Path) -> tuple[sitk.Image, str]:
-    """A volume file, or a folder holding one DICOM series. Returns (image, note). A folder with several series
-    is refused (naming them): which one to segment is the user's call, not a guess."""
+def read_input(path: str | Path) -> tuple[sitk.Image, DicomVolume | None]:
+    """A volume file, or a folder holding one DICOM series (with what reading it took, for the user and the output's
+    sidecar). A folder with several series is refused (naming them): which one to segment is the user's call."""
     path = Path(path)
     if path.is_file():
-        return read_image(path), ""
+        return read_image(path), None
     if not path.is_dir():
         raise UserError(f"{path}: no such file or folder")
-    series = dicom_series(path)
-    if not series:
-        raise UserError(f"{path}: no DICOM series in this folder (volume files are read one by one: pass a file)")
-    if len(series) > 1:
-        listed = ", ".join(f"{uid} ({len(files)} slices)" for uid, files in sorted(series.items(), key=lambda kv: -len(kv[1])))
-        raise UserError(f"{path}: {len(series)} DICOM series in this folder: {listed}; "
-                        "put the one to segment in a folder of its own")
-    (uid, files), = series.items()
-    note = f"{path}: DICOM series {uid} ({len(files)} slices)"
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = reader.Execute()
-    except RuntimeError as err:
-        raise UserError(f"{path}: cannot read DICOM series {uid} ({str(err).strip().splitlines()[-1][:200]})") from None
-    return image, note
-
-
-def dicom_series(folder: Path) -> dict[str, list[str]]:
-    """Series UID -> sorted slice files, for the DICOM series directly in `folder`."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns on stderr when a folder holds no series
-    try:
-        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or ()
-        return {uid: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)) for uid in ids}
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    volume = read_dicom(path, _memory_voxels())
+    return volume.image, volume

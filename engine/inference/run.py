@@ -20,9 +20,10 @@ from monai.inferers import SlidingWindowInferer
 from engine.config.finetune import finetune_config_from_dict
 from engine.data.labelled import case_name
 from engine.errors import UserError
+from engine.imageio.dicom import dicom_series
 from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
-from engine.imageio.volumes import dicom_series, is_volume_file, read_input
+from engine.imageio.volumes import is_volume_file, read_input
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, dry_run_record
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import load_checkpoint
@@ -216,10 +217,10 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
                preflight: InferencePreflight | None) -> Path:
     (source, target), probabilities, sw_batch_size = paths, request.probabilities, request.sw_batch_size
     available = available_for(predictor.device) if preflight else None  # before this volume takes any memory
-    image, note = read_input(source)
-    if note:
-        log.warning(note)
-        reporter.event("input", path=str(source), message=note)
+    image, dicom = read_input(source)
+    if dicom is not None:  # the series, and for an irregular one what was done to it, in one line
+        log.warning(dicom.note)
+        reporter.event("input", path=str(source), message=dicom.note, geometry=list(dicom.geometry.kinds))
     t0 = time.perf_counter()
     prepared = predictor.model_grid(image)
     if preflight is not None:
@@ -230,6 +231,8 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
     result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size)
     extra = {"source": str(source), "model": str(request.checkpoint), "tta": predictor.settings.tta,
              "seconds": round(time.perf_counter() - t0, 2)}
+    if dicom is not None:
+        extra["dicom"] = dicom.record()
     if result.probabilities:
         extra["probabilities"] = {}
         for name, prob in result.probabilities.items():
