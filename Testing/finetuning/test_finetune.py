@@ -1,6 +1,6 @@
 """Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
-finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, and
-classification on synthetic volumes."""
+finetune -> infer -> evaluate) on the tiny presets, from the MiM authors' checkpoint too, the loss going down, resume,
+a frozen encoder, and classification on synthetic volumes."""
 from __future__ import annotations
 
 import json
@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from authors_format import MODEL_NAMES, authors_checkpoint, authors_pretrain_namespace, authors_state_dict
 from engine_testing import crop_ct, require_shared_data, run_engine
 
 from engine.cli import main
@@ -75,6 +76,28 @@ def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
     ref = sitk.ReadImage(held_out["label"])
     out = sitk.ReadImage(str(pred))
     assert out.GetSize() == ref.GetSize() and np.allclose(out.GetOrigin(), ref.GetOrigin(), atol=1e-9)
+
+
+def test_finetune_from_the_authors_checkpoint_then_infer(chest, tmp_path, capsys):
+    """Their checkpoint-final.pth (tiny, their real format): the run uses the encoder variant that computes theirs,
+    records it in config.yaml and model.pt, and `infer` rebuilds that network from model.pt."""
+    authors = tmp_path / "checkpoint-final.pth"
+    torch.save(authors_checkpoint(authors_state_dict("tiny", fill="random"),
+                                  authors_pretrain_namespace(model_name=MODEL_NAMES["tiny"])), authors)
+    run = tmp_path / "run"
+    assert main(["finetune", "--data", str(chest), "--preset", "tiny", "--steps", "1", "--pretrained", str(authors),
+                 "--fold", "0", "--train-cases", "1", "--out", str(run), "--progress", "none"]) == 0
+    report = json.loads((run / "weights.json").read_text())
+    assert report["family"] == "mim-authors" and report["unexpected"] == []
+    assert {"encoder.token_proj.weight", "encoder.pos_embed"} <= set(report["loaded"])
+    encoder = yaml.safe_load((run / "config.yaml").read_text())["encoder"]
+    assert (encoder["variant"], encoder["num_heads"], encoder["depths"]) == ("authors", 3, [2, 2, 2, 11])
+    model = load_checkpoint(run / "model.pt")
+    assert model["config"]["encoder"]["variant"] == "authors" and "encoder.token_proj.weight" in model["model"]
+    held_out = json.loads((run / "cases.json").read_text())["validation"][0]
+    assert main(["infer", "--checkpoint", str(run / "model.pt"), "--input", held_out["image"],
+                 "--output", str(tmp_path / "pred.seg.nrrd"), "--progress", "none"]) == 0
+    capsys.readouterr()
 
 
 def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, tmp_path):

@@ -1,24 +1,38 @@
 """Pre-trained weights -> fine-tuning models: exact key reports for our checkpoints, the MiM authors' checkpoint
-and MONAI's SwinUNETR-SSL weights (fake state dicts built to their published key names and shapes), allow-listed
-unpickling, position-embedding interpolation and first-conv channel repeat."""
+(in their real format: authors_format.py) and MONAI's SwinUNETR-SSL weights (fake state dicts built to their
+published key names and shapes), the authors' weights computing their encoder's function, allow-listed unpickling,
+position-embedding interpolation and first-conv channel repeat."""
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 
 import pytest
 import torch
+from authors_format import (
+    MODEL_NAMES,
+    PRETRAIN_ONLY_PREFIXES,
+    authors_checkpoint,
+    authors_encoder_reference,
+    authors_namespace,
+    authors_pretrain_namespace,
+    authors_state_dict,
+    encoder_keys,
+)
 
+from engine.config.finetune import build_finetune_config
 from engine.config.pretrain import build_config
 from engine.errors import UserError
 from engine.finetuning.weights import (
+    authors_encoder_config,
+    authors_heads,
     interpolate_pos_embed,
     load_pretrained,
     read_pretrained,
     read_weights_file,
     repeat_first_conv,
 )
+from engine.inference.run import SegmentationPredictor
 from engine.models import build_pretrainer
 from engine.models.classifier import HybridClassifier
 from engine.models.segmenter import HybridSegmenter, SwinSegmenter
@@ -74,85 +88,154 @@ def test_encoder_mismatch_names_the_key_and_shapes(tmp_path):
         load_pretrained(HybridSegmenter(wider, 32, 2, feature_size=8), read_pretrained(path))
 
 
-# --- the MiM authors' MaskedAutoencoderConvViT3d (models_convmae3d_v4.py): names and shapes of its state dict
-def authors_state_dict(dims=(12, 24, 48, 96), depths=(1, 1, 1, 2), roi=96, dec=48, mlp=4) -> dict:
-    g, chans, sd = roi // 16, (1, *dims), {}
-    t = lambda *shape: torch.randn(*shape)  # noqa: E731
-    for i in range(4):
-        sd[f"patch_embed{i + 1}.proj.weight"], sd[f"patch_embed{i + 1}.proj.bias"] = t(dims[i], chans[i], 2, 2, 2), t(dims[i])
-        sd[f"patch_embed{i + 1}.norm.weight"], sd[f"patch_embed{i + 1}.norm.bias"] = t(dims[i]), t(dims[i])
-    sd["patch_embed5.weight"], sd["patch_embed5.bias"] = t(dims[3], dims[3]), t(dims[3])
-    for i, k in enumerate((8, 4, 2)):
-        sd[f"stage{i + 1}_output_decode.weight"], sd[f"stage{i + 1}_output_decode.bias"] = t(dims[3], dims[i], k, k, k), t(dims[3])
-    sd["pos_embed"] = t(1, g**3, dims[3])
-    for s in range(3):
-        d = dims[s]
-        for j in range(depths[s]):
-            p = f"blocks{s + 1}.{j}."
-            sd.update({p + "norm1.weight": t(d), p + "norm1.bias": t(d), p + "conv1.weight": t(d, d, 1, 1, 1),
-                       p + "conv1.bias": t(d), p + "conv2.weight": t(d, d, 1, 1, 1), p + "conv2.bias": t(d),
-                       p + "attn.weight": t(d, 1, 5, 5, 5), p + "attn.bias": t(d), p + "norm2.weight": t(d),
-                       p + "norm2.bias": t(d), p + "mlp.fc1.weight": t(mlp * d, d, 1, 1, 1), p + "mlp.fc1.bias": t(mlp * d),
-                       p + "mlp.fc2.weight": t(d, mlp * d, 1, 1, 1), p + "mlp.fc2.bias": t(d)})
-    d = dims[3]
-    for j in range(depths[3]):
-        p = f"blocks4.{j}."
-        sd.update({p + "norm1.weight": t(d), p + "norm1.bias": t(d), p + "attn.qkv.weight": t(3 * d, d),
-                   p + "attn.qkv.bias": t(3 * d), p + "attn.proj.weight": t(d, d), p + "attn.proj.bias": t(d),
-                   p + "norm2.weight": t(d), p + "norm2.bias": t(d), p + "mlp.fc1.weight": t(mlp * d, d),
-                   p + "mlp.fc1.bias": t(mlp * d), p + "mlp.fc2.weight": t(d, mlp * d), p + "mlp.fc2.bias": t(d)})
-    sd["norm.weight"], sd["norm.bias"] = t(d), t(d)
-    sd.update({"decoder_embed.weight": t(dec, d), "decoder_embed.bias": t(dec), "mask_token": t(1, 1, dec),
-               "decoder_pos_embed": t(1, g**3, dec), "decoder_blocks.0.norm1.weight": t(dec),
-               "decoder_blocks.0.attn.qkv.weight": t(3 * dec, dec), "decoder_norm.weight": t(dec),
-               "decoder_pred.weight": t(16**3, dec), "aggregate_mid.fc1.weight": t(dec, dec),
-               "aggregate_down.fc2.bias": t(dec), "aggregate_pred_up_feature.fc1.weight": t(dec, dec),
-               "aggregate_pred_mid_feature.fc2.weight": t(dec, dec)})
-    return sd
-
-
-@pytest.fixture
-def authors_file(tmp_path):
-    torch.manual_seed(1)
-    state = authors_state_dict()
-    args = argparse.Namespace(model_name="MiM", mask_ratio=0.6, num_heads=3, sr_ratio=1, attn_loss_name="byol")
-    path = tmp_path / "mim_authors.pth"
-    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "epoch": 99, "args": args}, path)
+# --- the MiM authors' checkpoint, in their real format (authors_format.py: their parser's defaults as data, their
+# state-dict keys and shapes, their encoder's function in plain torch)
+def _authors_file(tmp_path, variant="tiny", fill="constant", roi=96, args=None):
+    state = authors_state_dict(variant, roi=roi, fill=fill, seed=1)
+    args = args if args is not None else authors_pretrain_namespace(model_name=MODEL_NAMES[variant])
+    path = tmp_path / f"checkpoint-final-{variant}.pth"
+    torch.save(authors_checkpoint(state, args), path)
     return path, state
 
 
-def test_authors_checkpoint_needs_the_allow_list_and_loads_with_it(authors_file):
-    path, _ = authors_file
+def _encoder_config(weights, variant=None):
+    cfg = build_finetune_config("tiny", encoder=weights.encoder).encoder
+    return cfg if variant is None else dataclasses.replace(cfg, variant=variant)
+
+
+def _relative_error(ours, reference):
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+def test_authors_checkpoint_needs_the_allow_list_and_loads_with_it(tmp_path):
+    path, _ = _authors_file(tmp_path)
     with pytest.raises(Exception, match="Namespace"):
         torch.load(path, weights_only=True)  # why a plain weights-only load is not enough
-    assert read_weights_file(path)["args"].num_heads == 3
+    ckpt = read_weights_file(path)
+    assert list(ckpt) == ["model", "optimizer", "epoch", "scaler", "args"]
+    assert ckpt["args"].num_heads == [3, 6, 12, 24]  # their unused SimMIM option: a list, not the model's heads
 
 
-def test_authors_checkpoint_key_map_and_report(authors_file):
-    path, state = authors_file
+@pytest.mark.parametrize("variant, heads", [("base", 12), ("tiny", 3)])
+def test_authors_checkpoint_in_their_real_format_loads_with_an_exact_report(tmp_path, variant, heads):
+    """Their real keys and shapes (243 encoder keys, incl. patch_embed5, and 120 pre-training ones), args as their
+    pretrain.sh run pickles it. Every tensor holds its key's number, so a loaded tensor tells where it came from."""
+    path, state = _authors_file(tmp_path, variant)
     weights = read_pretrained(path)
+    dims = {"base": [48, 96, 192, 384], "tiny": [12, 24, 48, 96]}[variant]
     assert weights.family == "mim-authors"
-    assert weights.encoder == {"in_channels": 1, "dims": [12, 24, 48, 96], "depths": [1, 1, 1, 2],
-                               "strides": [2, 2, 2, 2], "num_heads": 3, "mlp_ratio": 4.0, "conv_kernel": 5,
-                               "dropout": 0.0}
-    enc = dataclasses.replace(TINY.encoder, depths=(1, 1, 1, 2))
-    seg = HybridSegmenter(enc, 32, 2, feature_size=8)  # token grid 2^3; theirs is 6^3
+    assert weights.encoder == {"in_channels": 1, "dims": dims, "depths": [2, 2, 2, 11], "strides": [2, 2, 2, 2],
+                               "num_heads": heads, "mlp_ratio": 4.0, "conv_kernel": 5, "dropout": 0.0,
+                               "variant": "authors"}
+    seg = HybridSegmenter(_encoder_config(weights), 32, 2, feature_size=8)  # token grid 2^3; theirs is 6^3
     report = load_pretrained(seg, weights)
-    assert set(report.missing) == _new_keys(seg)  # position embedding came from them, interpolated
-    assert set(report.loaded) == {k for k in seg.state_dict() if k.startswith("encoder.")}
-    assert report.dropped == ["patch_embed5.bias", "patch_embed5.weight"]
-    assert {k.split(".")[0].split("_")[0] for k in report.ignored} == {"decoder", "mask", "aggregate"}
+    encoder = {k for k in seg.state_dict() if k.startswith("encoder.")}
+    assert set(report.loaded) == encoder and len(encoder) == 243
+    assert set(report.missing) == _new_keys(seg)  # the position embedding came from them, interpolated
+    assert report.unexpected == []
+    assert sorted(report.ignored) == sorted(k for k in state if k.startswith(PRETRAIN_ONLY_PREFIXES))
+    assert len(report.ignored) == 120
+    number = {i: key for i, key in enumerate(state)}
     sd = seg.state_dict()
-    pairs = {"encoder.blocks.1.attn.out_proj.weight": "blocks4.1.attn.proj.weight",
+    source = {k: number[int(sd[k].flatten()[0])] for k in encoder if k != "encoder.pos_embed"}
+    assert sorted(source.values()) == sorted(k for k in encoder_keys(state) if k != "pos_embed")  # one each
+    assert all(torch.all(sd[k] == sd[k].flatten()[0]) for k in source)
+    pairs = {"encoder.token_proj.weight": "patch_embed5.weight", "encoder.token_proj.bias": "patch_embed5.bias",
+             "encoder.blocks.10.attn.out_proj.weight": "blocks4.10.attn.proj.weight",
+             "encoder.blocks.0.attn.qkv.bias": "blocks4.0.attn.qkv.bias",
              "encoder.blocks.0.mlp.linear1.bias": "blocks4.0.mlp.fc1.bias",
-             "encoder.conv_stages.2.0.dwconv.weight": "blocks3.0.attn.weight",
+             "encoder.conv_stages.2.1.dwconv.weight": "blocks3.1.attn.weight",
              "encoder.conv_stages.0.0.mlp.3.weight": "blocks1.0.mlp.fc2.weight",
              "encoder.conv_stages.1.0.norm1.norm.weight": "blocks2.0.norm1.weight",
              "encoder.embeds.3.norm.norm.bias": "patch_embed4.norm.bias",
              "encoder.stage_proj.0.weight": "stage1_output_decode.weight", "encoder.norm.weight": "norm.weight"}
-    for ours, theirs in pairs.items():
-        assert torch.equal(sd[ours], state[theirs]), ours
+    assert {k: source[k] for k in pairs} == pairs
     assert torch.allclose(sd["encoder.pos_embed"], interpolate_pos_embed(state["pos_embed"], 8))
+
+
+def test_authors_head_count_comes_from_their_model_name_never_from_args_num_heads(tmp_path):
+    state = authors_state_dict("tiny", fill="constant")
+    assert authors_encoder_config(state, authors_pretrain_namespace(model_name=MODEL_NAMES["tiny"]))["num_heads"] == 3
+    # their parser's default model_name is no MiM builder: head size 32, as in all of theirs
+    assert authors_encoder_config(state, authors_namespace())["num_heads"] == 96 // 32
+    assert authors_encoder_config(state, None)["num_heads"] == 3  # no args at all
+    assert authors_heads(384, authors_namespace(model_name="convmae_convvit_base_patch16", num_heads=[1, 2])) == 12
+    assert authors_heads(768, authors_namespace()) == 24
+    with pytest.raises(UserError, match="attention heads"):
+        authors_heads(100, authors_namespace())
+
+
+# what feeds the ViT tokens: scaled down (to 1e-3), the tokens are so small that LayerNorm's eps shows
+TOKEN_INPUTS = ("patch_embed5.", "pos_embed", "stage1_output_decode.", "stage2_output_decode.", "stage3_output_decode.")
+
+
+@pytest.mark.parametrize("token_scale", [1.0, 1e-3])
+def test_authors_weights_compute_their_encoder(tmp_path, token_scale):
+    """Loaded through the reader, our "authors" variant equals an independent re-implementation of their
+    forward_encoder (tokens and the stage features our decoder uses); our own variant with the same weights does not."""
+    torch.manual_seed(0)
+    state = authors_state_dict("tiny", roi=32, fill="random", seed=1)  # pos_embed for a 2^3 grid: used as is
+    state.update({k: v * token_scale for k, v in state.items() if k.startswith(TOKEN_INPUTS)})
+    path = tmp_path / "checkpoint-final.pth"
+    torch.save(authors_checkpoint(state, authors_pretrain_namespace(model_name=MODEL_NAMES["tiny"])), path)
+    weights = read_pretrained(path)
+    seg = HybridSegmenter(_encoder_config(weights), 32, 2, feature_size=8).eval()
+    load_pretrained(seg, weights)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        reference, reference_feats = authors_encoder_reference(state, x, heads=3)
+        tokens, feats = seg.encoder.forward_features(x)
+    assert _relative_error(tokens, reference) < 1e-4
+    for ours, theirs in zip(feats, reference_feats):
+        assert _relative_error(ours, theirs) < 1e-4
+
+    plain = HybridSegmenter(_encoder_config(weights, "mimslicer"), 32, 2, feature_size=8).eval()
+    plain.load_state_dict({k: v for k, v in seg.state_dict().items() if "token_proj" not in k})
+    with torch.no_grad():
+        assert _relative_error(plain.encoder(x), reference) > 0.1
+
+
+def test_authors_variant_travels_into_model_pt_and_back(tmp_path):
+    """Fine-tuning's config comes from the weights; model.pt rebuilds the same network for inference, and a model.pt
+    used as pre-trained weights keeps the variant and their position embedding."""
+    torch.manual_seed(0)
+    path, _ = _authors_file(tmp_path, "tiny", fill="random", roi=32)
+    weights = read_pretrained(path)
+    cfg = build_finetune_config("tiny", encoder=weights.encoder)
+    assert cfg.encoder.variant == "authors" and cfg.to_dict()["encoder"]["variant"] == "authors"
+    seg = HybridSegmenter(cfg.encoder, cfg.model.roi, 2, cfg.model.feature_size).eval()
+    load_pretrained(seg, weights)
+    model_pt = save_checkpoint(tmp_path / "model.pt", kind="segmentation", config=cfg.to_dict(), model=seg, step=1,
+                               extra={"labels": {"background": 0, "liver": 1}, "spacing": [3.0, 3.0, 3.0],
+                                      "hu_window": [-1000, 1000], "roi": cfg.model.roi})
+    rebuilt = SegmentationPredictor.from_checkpoint(model_pt).model  # loads model.pt strictly
+    assert rebuilt.encoder.cfg.variant == "authors"
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), seg(x))
+
+    again = read_pretrained(model_pt)
+    assert again.encoder["variant"] == "authors" and "encoder.pos_embed" in again.state
+    seg2 = HybridSegmenter(build_finetune_config("tiny", encoder=again.encoder).encoder, 32, 3, feature_size=8).eval()
+    load_pretrained(seg2, again)
+    with torch.no_grad():
+        assert torch.equal(seg2.encoder(x), seg.encoder(x))
+
+
+def test_our_checkpoint_without_a_variant_is_our_encoder(tmp_path):
+    """A config saved before `encoder.variant` existed builds our encoder, whose weights it loads strictly."""
+    path, _ = _pretrain_checkpoint(tmp_path)
+    ckpt = read_weights_file(path)
+    del ckpt["config"]["encoder"]["variant"]
+    torch.save(ckpt, path)
+    weights = read_pretrained(path)
+    cfg = build_finetune_config("tiny", encoder=weights.encoder)
+    assert cfg.encoder.variant == "mimslicer"
+    seg = HybridSegmenter(cfg.encoder, 32, 2, feature_size=8)
+    load_pretrained(seg, weights)
+    assert "encoder.token_proj.weight" not in seg.state_dict()
+    with pytest.raises(UserError, match="encoder.variant"):
+        build_finetune_config("tiny", overrides={"encoder.variant": "author"})
 
 
 def test_pickled_code_is_refused(tmp_path):

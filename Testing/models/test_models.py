@@ -1,5 +1,10 @@
 """Models: MAE gather equals drop-after-encode, no leak from masked voxels, every parameter learns, alignment
-compares a child with its parent's block (not with itself, the authors' defect)."""
+compares a child with its parent's block (not with itself, the authors' defect); the encoder's two variants (ours,
+with the keys it always had, and the authors')."""
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,13 +15,17 @@ from engine.models.hybrid_encoder import HybridEncoder, depthwise, gather_tokens
 from engine.runtime.device import guard_small_convolutions
 
 
-def tiny_encoder(roi=32):
+VARIANTS = ("mimslicer", "authors")
+
+
+def tiny_encoder(roi=32, variant="mimslicer"):
     torch.manual_seed(0)
-    return HybridEncoder(build_config("tiny").encoder, roi).eval()
+    return HybridEncoder(dataclasses.replace(build_config("tiny").encoder, variant=variant), roi).eval()
 
 
-def test_visible_token_encoding_equals_full_encoding_with_masked_tokens_dropped():
-    enc = tiny_encoder(64)  # 4^3 = 64 tokens
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_visible_token_encoding_equals_full_encoding_with_masked_tokens_dropped(variant):
+    enc = tiny_encoder(64, variant)  # 4^3 = 64 tokens
     x = torch.rand(3, 1, 64, 64, 64)
     m = random_mask(3, 64, 0.6, torch.Generator().manual_seed(0))
     gathered = enc(x, m.keep, m.mask)
@@ -40,23 +49,27 @@ def _all_tokens(enc, x, mask):
     visible = (~mask).float().reshape(x.shape[0], 1, *grid)
     feats = []
     for i in range(3):
-        x = norm(enc.embeds[i].norm, enc.embeds[i].proj(x))
+        x = enc.embeds[i].act(norm(enc.embeds[i].norm, enc.embeds[i].proj(x)))
         vis = torch.nn.functional.interpolate(visible, size=x.shape[2:], mode="nearest")
         for block in enc.conv_stages[i]:
             x = x + block.conv2(block.dwconv(block.conv1(norm(block.norm1, x)) * vis))
             x = x + block.mlp(norm(block.norm2, x))
         x = x * vis
         feats.append(x)
-    x = norm(enc.embeds[3].norm, enc.embeds[3].proj(x))
-    tokens = x.flatten(2).transpose(1, 2) + enc._position(grid, x)
+    x = enc.embeds[3].act(norm(enc.embeds[3].norm, enc.embeds[3].proj(x)))
+    tokens = x.flatten(2).transpose(1, 2)
+    if enc.token_proj is not None:
+        tokens = enc.token_proj(tokens)
+    tokens = tokens + enc._position(grid, x)
     side = sum(p(f).flatten(2).transpose(1, 2) for p, f in zip(enc.stage_proj, feats))
     return tokens, side
 
 
-def test_encoder_equals_its_convolutions_in_value_and_gradient():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_encoder_equals_its_convolutions_in_value_and_gradient(variant):
     """The channels-last matrix-multiply encoder (and its own depth-wise backward) against plain convolutions,
     on a non-cubic input as in fine-tuning."""
-    enc = tiny_encoder(32)
+    enc = tiny_encoder(32, variant)
     x = torch.rand(2, 1, 32, 48, 32)
     tokens, feats = enc.forward_features(x)
     ref, side = _all_tokens(enc, x, torch.zeros(2, 2 * 3 * 2, dtype=torch.bool))
@@ -95,8 +108,9 @@ def test_weight_gradient_of_a_map_smaller_than_the_kernel_is_right_under_bf16_au
     assert (conv.weight.grad.double() - expected).norm() <= 0.02 * expected.norm()
 
 
-def test_masked_voxels_do_not_leak_into_visible_tokens():
-    enc = tiny_encoder(64)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_masked_voxels_do_not_leak_into_visible_tokens(variant):
+    enc = tiny_encoder(64, variant)
     x = torch.rand(2, 1, 64, 64, 64)
     m = random_mask(2, 64, 0.5, torch.Generator().manual_seed(1))
     voxel_mask = m.mask.float().reshape(2, 1, 4, 4, 4).repeat_interleave(16, 2).repeat_interleave(16, 3).repeat_interleave(16, 4)
@@ -105,8 +119,33 @@ def test_masked_voxels_do_not_leak_into_visible_tokens():
         assert torch.allclose(enc(x, m.keep, m.mask), enc(noisy, m.keep, m.mask), atol=1e-5)
 
 
+def test_our_encoder_keeps_its_keys_and_the_authors_variant_adds_only_their_linear():
+    """Our variant's state dict is, name for name and shape for shape, the one of commit da25336 (before the
+    variants), so every checkpoint of ours still loads strictly; the authors' variant adds token_proj (their
+    patch_embed5) and differs in what has no weights: a GELU per patch embedding, eps 1e-6 in the ViT norms."""
+    saved = json.loads((Path(__file__).parent / "mimslicer_encoder_keys_tiny.json").read_text())
+    ours, theirs = tiny_encoder(32), tiny_encoder(32, "authors")
+    assert {k: list(v.shape) for k, v in ours.state_dict().items()} == saved
+    assert list(ours.state_dict()) == list(saved)  # the order, too
+    ours.load_state_dict({k: torch.zeros(shape) for k, shape in saved.items()}, strict=True)
+    extra = {k: list(v.shape) for k, v in theirs.state_dict().items() if k not in saved}
+    assert extra == {"token_proj.weight": [96, 96], "token_proj.bias": [96]}
+    assert set(saved) <= set(theirs.state_dict())
+
+    def eps(enc):
+        vit = {n.eps for b in enc.blocks for n in (b.norm1, b.norm2)} | {enc.norm.eps}
+        conv = {m.eps for m in [*enc.embeds.modules(), *enc.conv_stages.modules()] if isinstance(m, torch.nn.LayerNorm)}
+        return vit, conv
+
+    assert eps(ours) == ({1e-5}, {1e-5})
+    assert eps(theirs) == ({1e-6}, {1e-5})
+    assert all(isinstance(e.act, torch.nn.Identity) for e in ours.embeds)
+    assert all(isinstance(e.act, torch.nn.GELU) and e.act.approximate == "none" for e in theirs.embeds)
+
+
 CASES = [
     ("mim", {}),
+    ("mim", {"encoder.variant": "authors"}),
     ("mim", {"loss.align": "ce"}),
     ("mim", {"mask.levels": 2}),
     ("mim", {"loss.curriculum": "coarse_to_fine"}),

@@ -10,10 +10,16 @@ import torch
 from engine.config.schema import check_choice
 from engine.errors import UserError
 
+ENCODER_VARIANTS = ("mimslicer", "authors")
+
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Hybrid ConvMAE-style 3D encoder: three conv stages, then a ViT on the token grid."""
+    """Hybrid ConvMAE-style 3D encoder: three conv stages, then a ViT on the token grid.
+
+    `variant`: "mimslicer" (ours) or "authors", the function of the MiM authors' encoder, which their weights need:
+    a GELU ends every patch embedding, a Linear (`token_proj`, their `patch_embed5`) maps the tokens before the
+    position embedding, and the ViT blocks' and the final LayerNorm use eps 1e-6. Same keys otherwise."""
 
     in_channels: int = 1
     dims: tuple[int, ...] = (48, 96, 192, 384)
@@ -23,12 +29,14 @@ class EncoderConfig:
     mlp_ratio: float = 4.0
     conv_kernel: int = 5
     dropout: float = 0.0
+    variant: str = "mimslicer"
 
     @property
     def patch_size(self) -> int:
         return math.prod(self.strides)
 
     def validate(self) -> None:
+        check_choice("encoder.variant", self.variant, ENCODER_VARIANTS)
         if not (len(self.dims) == len(self.depths) == len(self.strides) == 4):
             raise UserError(f"encoder dims/depths/strides need 4 entries each, got {self.dims}, {self.depths}, {self.strides}")
         if self.dims[3] % self.num_heads:

@@ -3,9 +3,10 @@
 - `mimslicer`: our pre-training checkpoints (MiM / MAE: `encoder.*`; HybridMIM on the hybrid encoder:
   `backbone.encoder.*`) and our fine-tuned `model.pt` files. The encoder config comes with them.
 - `mim-authors`: the MiM authors' `ckpt["model"]` of `MaskedAutoencoderConvViT3d` (keys without prefix:
-  `patch_embed1..4`, `blocks1..4`, `stage1..3_output_decode`, `norm`, `pos_embed`, plus MAE-decoder and
-  alignment heads). Their file pickles an argparse Namespace: it is read with torch's weights-only unpickler and
-  an allow-list of exactly that class, never with `weights_only=False`.
+  `patch_embed1..5`, `blocks1..4`, `stage1..3_output_decode`, `norm`, `pos_embed`, plus MAE-decoder and
+  alignment heads), loaded into our encoder's "authors" variant, which computes their encoder's function. Their
+  file pickles an argparse Namespace: it is read with torch's weights-only unpickler and an allow-list of exactly
+  that class, never with `weights_only=False`. Of it only `model_name` is read (for the head count).
 - `swinunetr-ssl`: MONAI's SwinUNETR-SSL `model_swinvit.pt` (`state_dict` with `module.`-prefixed Swin-ViT keys).
   It feeds MONAI's `SwinUNETR` (backbone `swinunetr`), under `swinViT.`; the SSL heads are ignored.
 
@@ -27,12 +28,17 @@ from engine.errors import UserError
 from engine.runtime.checkpoint import FORMAT
 
 ALLOWED_GLOBALS = [argparse.Namespace]  # the only class the authors' checkpoint pickles besides tensors
-AUTHORS_DEFAULT_HEADS = 12  # their builder's num_heads (not derivable from weight shapes)
+# Their builders hard-code the head count (models_convmae3d_v4.py:492-556), which weight shapes cannot tell; their
+# args.num_heads is an unused SimMIM option (default the list [3, 6, 12, 24]) and is never read.
+AUTHORS_HEADS = {"convmae_convvit_base_patch16": 12, "convmae_convvit_base_patch16_i128": 12,
+                 "convmae_convvit_tiny_patch16": 3}
+AUTHORS_HEAD_DIM = 32  # the same in every builder of theirs (384 / 12, 96 / 3): the fallback for another model_name
 
 # the authors' encoder key -> ours (regex over the whole key; \1, \2 are stage / block indices)
 AUTHORS_KEY_MAP = [
     (r"patch_embed([1-4])\.proj\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.proj.{m[2]}"),
     (r"patch_embed([1-4])\.norm\.(weight|bias)", lambda m: f"embeds.{int(m[1]) - 1}.norm.norm.{m[2]}"),
+    (r"patch_embed5\.(weight|bias)", lambda m: f"token_proj.{m[1]}"),
     (r"stage([1-3])_output_decode\.(weight|bias)", lambda m: f"stage_proj.{int(m[1]) - 1}.{m[2]}"),
     (r"blocks([1-3])\.(\d+)\.(norm1|norm2)\.(weight|bias)",
      lambda m: f"conv_stages.{int(m[1]) - 1}.{m[2]}.{m[3]}.norm.{m[4]}"),
@@ -49,9 +55,6 @@ AUTHORS_KEY_MAP = [
     (r"pos_embed", lambda m: "pos_embed"),
 ]
 AUTHORS_PRETRAIN_ONLY = ("decoder_", "mask_token", "aggregate_")
-AUTHORS_NO_COUNTERPART = {
-    "patch_embed5.": "their Linear after the last patch embedding has no counterpart in our encoder (dropped)",
-}
 SWIN_PRETRAIN_ONLY = ("rotation_", "contrastive_", "conv.", "norm.")
 
 
@@ -66,7 +69,6 @@ class PretrainedWeights:
     encoder: dict | None = None  # encoder config implied by the weights (hybrid)
     feature_size: int | None = None  # SwinUNETR embedding width
     ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
-    dropped: list[str] = field(default_factory=list)  # encoder keys our architecture has no place for
     notes: list[str] = field(default_factory=list)
 
 
@@ -78,7 +80,6 @@ class KeyReport:
     missing: list[str]  # model keys left at their initial values: exactly the new (non-encoder) weights
     unexpected: list[str]  # always empty after a successful load
     ignored: list[str]
-    dropped: list[str]
     notes: list[str]
 
     def to_dict(self) -> dict:
@@ -90,8 +91,6 @@ class KeyReport:
                  f"  loaded {len(self.loaded)} encoder tensors",
                  f"  new (trained from scratch) {len(new)}: {_groups(new)}",
                  f"  ignored (pre-training only) {len(self.ignored)}: {_groups(self.ignored)}"]
-        if self.dropped:
-            lines.append(f"  dropped (no counterpart) {len(self.dropped)}: {_groups(self.dropped)}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -147,30 +146,30 @@ def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
     prefix = next((p for p in ("encoder.", "backbone.encoder.") if any(k.startswith(p) for k in state)), None)
     if prefix is None or "encoder" not in config:
         raise UserError(f"{path}: this {ckpt.get('kind')} checkpoint holds no hybrid encoder weights")
-    # our position embedding is always the fixed sin-cos, rebuilt for any token grid: never carried over
-    mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items()
-              if k.startswith(prefix) and k != prefix + "pos_embed"}
-    ignored = [k for k in state if not k.startswith(prefix) or k == prefix + "pos_embed"]
+    # our position embedding is the fixed sin-cos, rebuilt for any token grid: not carried over. The authors'
+    # variant's came from their checkpoint (a model.pt fine-tuned from it holds it) and travels on.
+    keep_pos = config["encoder"].get("variant") == "authors"
+    taken = {k for k in state if k.startswith(prefix) and (k != prefix + "pos_embed" or keep_pos)}
+    mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items() if k in taken}
+    ignored = [k for k in state if k not in taken]
     return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored)
 
 
 def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
-    mapped, ignored, dropped = {}, [], []
+    """Their encoder keys -> ours; the encoder is our "authors" variant, which computes their function."""
+    mapped, ignored = {}, []
     for key, value in state.items():
         ours = _authors_name(key)
         if ours is not None:
             mapped["encoder." + ours] = value
         elif key.startswith(AUTHORS_PRETRAIN_ONLY):
             ignored.append(key)
-        elif key.startswith(tuple(AUTHORS_NO_COUNTERPART)):
-            dropped.append(key)
         else:
             raise UserError(f"{path}: unexpected key '{key}' for a MiM-authors checkpoint (no key map for it)")
-    notes = sorted({why for key in dropped for p, why in AUTHORS_NO_COUNTERPART.items() if key.startswith(p)})
-    notes.append("their patch embeddings end with a GELU that ours lack; fine-tuning adapts the first layers")
     encoder = authors_encoder_config(state, args)
-    return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored,
-                             dropped=dropped, notes=notes)
+    notes = [(f"encoder variant 'authors' (their function: GELU-ended patch embeddings, patch_embed5 as token_proj, "
+              f"ViT LayerNorm eps 1e-6), {encoder['num_heads']} heads")]
+    return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored, notes=notes)
 
 
 def _authors_name(key: str) -> str | None:
@@ -182,7 +181,7 @@ def _authors_name(key: str) -> str | None:
 
 
 def authors_encoder_config(state: dict, args) -> dict:
-    """Dims, strides, depths, kernel and MLP ratio from the weight shapes; heads from their args (default 12)."""
+    """Dims, strides, depths, kernel and MLP ratio from the weight shapes; heads from their model name."""
     embeds = [state[f"patch_embed{i}.proj.weight"] for i in range(1, 5)]
     dims = [int(w.shape[0]) for w in embeds]
     depths = [len({k.split(".")[1] for k in state if k.startswith(f"blocks{s}.")}) for s in range(1, 5)]
@@ -191,9 +190,22 @@ def authors_encoder_config(state: dict, args) -> dict:
     if len(ratios) != 1:
         raise UserError(f"MiM-authors checkpoint: MLP ratios differ between stages ({sorted(ratios)}); ours share one")
     return {"in_channels": int(embeds[0].shape[1]), "dims": dims, "depths": depths,
-            "strides": [int(w.shape[2]) for w in embeds],
-            "num_heads": int(getattr(args, "num_heads", AUTHORS_DEFAULT_HEADS)), "mlp_ratio": float(ratios.pop()),
-            "conv_kernel": int(state["blocks1.0.attn.weight"].shape[-1]), "dropout": 0.0}
+            "strides": [int(w.shape[2]) for w in embeds], "num_heads": authors_heads(dims[3], args),
+            "mlp_ratio": float(ratios.pop()), "conv_kernel": int(state["blocks1.0.attn.weight"].shape[-1]),
+            "dropout": 0.0, "variant": "authors"}
+
+
+def authors_heads(width: int, args) -> int:
+    """Their builder's head count for `args.model_name`, else width / 32 (their head size in every builder)."""
+    name = getattr(args, "model_name", None)
+    heads = AUTHORS_HEADS.get(name) if isinstance(name, str) else None
+    if heads is None:
+        heads = width // AUTHORS_HEAD_DIM if width % AUTHORS_HEAD_DIM == 0 else None
+    if heads is None or heads < 1 or width % heads:
+        raise UserError(f"MiM-authors checkpoint: cannot tell the number of attention heads for model "
+                        f"'{name}' of width {width} (known models: {', '.join(AUTHORS_HEADS)}; others need a width "
+                        f"divisible by {AUTHORS_HEAD_DIM})")
+    return heads
 
 
 def _swin_name(key: str) -> str:
@@ -237,7 +249,7 @@ def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> KeyReport:
     if prefix + "pos_embed" in expected_missing:
         notes.append("position embedding: fixed 3D sin-cos built for the fine-tuning token grid")
     return KeyReport(weights.path, weights.family, loaded, sorted(result.missing_keys), [],
-                     sorted(weights.ignored), sorted(weights.dropped), notes)
+                     sorted(weights.ignored), notes)
 
 
 def _assert_exact(path: str, missing: set[str], expected: set[str], unexpected: list[str]) -> None:

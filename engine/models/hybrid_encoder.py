@@ -23,6 +23,8 @@ from monai.networks.blocks.pos_embed_utils import build_sincos_position_embeddin
 from engine.config.sections import EncoderConfig
 from engine.runtime.device import smaller_than_kernel
 
+AUTHORS_VIT_NORM_EPS = 1e-6  # the authors' ViT-block and final LayerNorms (models_convmae3d_v4.py:507, 555)
+
 
 def pointwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """A 1x1x1 convolution of a channels-last [..., C] tensor: [..., C] -> [..., C_out]."""
@@ -119,19 +121,25 @@ class ConvBlock3d(nn.Module):
 
 
 class PatchEmbed3d(nn.Module):
-    """Strided conv (kernel = stride) followed by channel LayerNorm; channels-last in and out."""
+    """Strided conv (kernel = stride) followed by channel LayerNorm, and a GELU if `act` (the authors' variant);
+    channels-last in and out."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, act: bool = False):
         super().__init__()
         self.proj = nn.Conv3d(in_ch, out_ch, stride, stride=stride)
         self.norm = ChannelLayerNorm3d(out_ch)
+        self.act = nn.GELU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(patch_linear(x, self.proj))
+        return self.act(self.norm(patch_linear(x, self.proj)))
 
 
 class HybridEncoder(nn.Module):
-    """x: [B, C, R, R, R] -> stage-4 tokens [B, n, dims[3]] (n = visible tokens, or all (R/p)^3)."""
+    """x: [B, C, R, R, R] -> stage-4 tokens [B, n, dims[3]] (n = visible tokens, or all (R/p)^3).
+
+    `cfg.variant == "authors"` computes the MiM authors' encoder (models_convmae3d_v4.py): GELU-ended patch
+    embeddings, `token_proj` (their `patch_embed5`) on the tokens before the position embedding, LayerNorm eps 1e-6
+    in the ViT blocks and the final norm. The default variant has exactly the keys it always had."""
 
     def __init__(self, cfg: EncoderConfig, roi: int):
         super().__init__()
@@ -139,8 +147,11 @@ class HybridEncoder(nn.Module):
         self.cfg, self.roi = cfg, roi
         self.patch = cfg.patch_size
         self.grid = roi // self.patch
+        authors = cfg.variant == "authors"
         chans = (cfg.in_channels, *cfg.dims)
-        self.embeds = nn.ModuleList(PatchEmbed3d(chans[i], chans[i + 1], cfg.strides[i]) for i in range(4))
+        self.embeds = nn.ModuleList(PatchEmbed3d(chans[i], chans[i + 1], cfg.strides[i], act=authors) for i in range(4))
+        # their Linear between the last patch embedding and the position embedding
+        self.token_proj = nn.Linear(cfg.dims[3], cfg.dims[3]) if authors else None
         self.conv_stages = nn.ModuleList(
             nn.ModuleList(ConvBlock3d(cfg.dims[i], cfg.conv_kernel, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depths[i]))
             for i in range(3)
@@ -154,6 +165,9 @@ class HybridEncoder(nn.Module):
             transformer_block(cfg.dims[3], cfg.mlp_ratio, cfg.num_heads, cfg.dropout) for _ in range(cfg.depths[3])
         )
         self.norm = nn.LayerNorm(cfg.dims[3])
+        if authors:  # their norm_layer=partial(nn.LayerNorm, eps=1e-6); their conv-stage norms keep 1e-5
+            for norm in [self.norm, *(n for b in self.blocks for n in (b.norm1, b.norm2))]:
+                norm.eps = AUTHORS_VIT_NORM_EPS
         self.register_buffer("pos_embed", sincos_embedding(self.grid, cfg.dims[3]), persistent=False)
         self.apply(_init_weights)
 
@@ -182,7 +196,10 @@ class HybridEncoder(nn.Module):
                 x = x * vis
             feats.append(x)
         x = self.embeds[3](x)  # [B, g, g, g, C4]
-        tokens = x.flatten(1, 3) + self._position(tuple(x.shape[1:4]), x)  # [B, N, C4], raster (z, y, x) order
+        tokens = x.flatten(1, 3)  # [B, N, C4], raster (z, y, x) order
+        if self.token_proj is not None:
+            tokens = self.token_proj(tokens)
+        tokens = tokens + self._position(tuple(x.shape[1:4]), x)
         side = sum(patch_linear(f, proj).flatten(1, 3) for proj, f in zip(self.stage_proj, feats))  # [B, N, C4]
         if keep is not None:
             tokens, side = gather_tokens(tokens, keep), gather_tokens(side, keep)
