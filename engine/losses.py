@@ -50,21 +50,18 @@ def ce_alignment(child: torch.Tensor, parent_blocks: torch.Tensor, target: torch
 
 
 def level_weights(base: tuple[float, ...], levels: int, curriculum: str, progress: float) -> list[float]:
-    """Reconstruction weight of each level at `progress` in [0, 1] of training.
+    """Reconstruction weight of each level at `progress` in [0, 1] of training, as the authors' curriculum
+    (their engine_pretrain.py and utils/lr_sched.py; their published recipe itself trains `concurrent`).
 
-    concurrent: constant. coarse_to_fine: the coarse weight falls from 1x to 0.5x its base while the finest
-    rises from 0.5x to 1x (sin/cos ramps); fine_to_coarse: the reverse."""
-    base = tuple(base[:levels])
+    concurrent: constant. coarse_to_fine: the coarse weight falls from 2x to 1x its base (1 + cos) while the finest
+    rises from 0 to 1x (sin); a middle level keeps its base, so all levels end equal. fine_to_coarse: the mirror."""
+    base = list(base[:levels])
     if curriculum == "concurrent" or levels == 1:
-        return list(base)
-    rise, fall = math.sin(math.pi / 2 * progress), math.cos(math.pi / 2 * progress)
-    out = []
-    for i, w in enumerate(base):
-        s = i / (levels - 1)  # 0 = coarse, 1 = finest
-        if curriculum == "fine_to_coarse":
-            s = 1 - s
-        out.append(w * (0.5 + 0.5 * (s * rise + (1 - s) * fall)))
-    return out
+        return base
+    falling, rising = (0, levels - 1) if curriculum == "coarse_to_fine" else (levels - 1, 0)
+    base[falling] *= 1 + math.cos(math.pi / 2 * progress)
+    base[rising] *= math.sin(math.pi / 2 * progress)
+    return base
 
 
 # --- HybridMIM -----------------------------------------------------------------------------------------

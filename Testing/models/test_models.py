@@ -255,3 +255,13 @@ def test_parent_block_features_are_the_parents_decoder_tokens_of_that_block():
     pooled = pool_blocks(latent, blocks, 8)
     for b in range(8):
         assert torch.allclose(pooled[:, b], latent[:, blocks == b].mean(1), atol=1e-6)
+
+
+def test_curriculum_ramps_are_the_authors():
+    """coarse_to_fine: coarse 2x -> 1x (1 + cos), finest 0 -> 1x (sin), middle constant; all equal at the end."""
+    from engine.losses import level_weights
+    assert level_weights((1, 1, 1), 3, "coarse_to_fine", 0.0) == pytest.approx([2, 1, 0])
+    assert level_weights((1, 1, 1), 3, "coarse_to_fine", 1.0) == pytest.approx([1, 1, 1])
+    assert level_weights((1, 1, 1), 3, "coarse_to_fine", 0.5) == pytest.approx([1.7071, 1, 0.7071], abs=1e-4)
+    assert level_weights((1, 1, 1), 3, "fine_to_coarse", 0.0) == pytest.approx([0, 1, 2])
+    assert level_weights((1, 2, 3), 3, "concurrent", 0.3) == [1, 2, 3]
