@@ -7,14 +7,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from engine.config.schema import (
     PRESET_DIR,
     available_presets,
     build_dataclass,
     check_choice,
     load_preset,
+    load_yaml,
     merge_trees,
     to_plain,
     undot,
@@ -120,7 +119,7 @@ def load_finetune_preset(name: str) -> dict[str, Any]:
     if name not in presets:
         check_choice("preset", name, tuple(presets))
     with open(FINETUNE_PRESET_DIR / f"{name}.yaml") as f:
-        return yaml.safe_load(f) or {}
+        return load_yaml(f) or {}
 
 
 def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict | None = None,
