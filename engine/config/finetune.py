@@ -37,8 +37,9 @@ class ModelConfig:
 
     def validate(self, patch_size: int) -> None:
         check_choice("model.backbone", self.backbone, BACKBONES)
-        if self.backbone == "hybrid" and self.roi % patch_size:
-            raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}")
+        if self.backbone == "hybrid" and (self.roi % patch_size or self.roi < 2 * patch_size):
+            raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}, and at "
+                            f"least two of them (the decoder normalises the token grid: one token is too few)")
         if self.backbone == "swinunetr":
             if self.roi % 32 or self.roi < 64:
                 raise UserError(f"SwinUNETR needs model.roi divisible by 32 and at least 64, got {self.roi} "
