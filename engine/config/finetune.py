@@ -85,6 +85,15 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class PretrainedDataConfig:
+    """What the pre-trained encoder saw: its pre-training's voxel spacing and HU window (None: not known, or no
+    pre-trained weights). By default the run's `data` takes them; recorded here, next to the run's own."""
+
+    spacing: tuple[float, ...] | None = None
+    hu_window: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     task: str = "segmentation"
     preset: str = "base"
@@ -92,6 +101,7 @@ class FinetuneConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pretrained_data: PretrainedDataConfig = field(default_factory=PretrainedDataConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)

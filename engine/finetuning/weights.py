@@ -28,6 +28,7 @@ from engine.runtime.checkpoint import FORMAT
 
 ALLOWED_GLOBALS = [argparse.Namespace]  # the only class the authors' checkpoint pickles besides tensors
 AUTHORS_DEFAULT_HEADS = 12  # their builder's num_heads (not derivable from weight shapes)
+AUTHORS_HU_WINDOW = (-1000.0, 1000.0)  # their a_min / a_max defaults; they scale HU to [0, 1] and do not resample
 
 # the authors' encoder key -> ours (regex over the whole key; \1, \2 are stage / block indices)
 AUTHORS_KEY_MAP = [
@@ -65,6 +66,7 @@ class PretrainedWeights:
     backbone: str  # hybrid | swinunetr: which network these weights feed
     encoder: dict | None = None  # encoder config implied by the weights (hybrid)
     feature_size: int | None = None  # SwinUNETR embedding width
+    data: dict = field(default_factory=dict)  # what pre-training saw, where known: spacing (mm), hu_window (HU)
     ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
     dropped: list[str] = field(default_factory=list)  # encoder keys our architecture has no place for
     notes: list[str] = field(default_factory=list)
@@ -151,7 +153,10 @@ def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
     mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items()
               if k.startswith(prefix) and k != prefix + "pos_embed"}
     ignored = [k for k in state if not k.startswith(prefix) or k == prefix + "pos_embed"]
-    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored)
+    seen = config.get("data") or {}
+    data = {key: [float(v) for v in seen[key]] for key in ("spacing", "hu_window") if seen.get(key) is not None}
+    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored,
+                             data=data)
 
 
 def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
@@ -168,9 +173,12 @@ def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
             raise UserError(f"{path}: unexpected key '{key}' for a MiM-authors checkpoint (no key map for it)")
     notes = sorted({why for key in dropped for p, why in AUTHORS_NO_COUNTERPART.items() if key.startswith(p)})
     notes.append("their patch embeddings end with a GELU that ours lack; fine-tuning adapts the first layers")
+    window = [float(getattr(args, "a_min", AUTHORS_HU_WINDOW[0])), float(getattr(args, "a_max", AUTHORS_HU_WINDOW[1]))]
+    notes.append(f"their pre-training windowed HU to {window} (a_min, a_max) and did not resample the volumes: "
+                 "data.hu_window defaults to theirs, data.spacing stays the preset's")
     encoder = authors_encoder_config(state, args)
     return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored,
-                             dropped=dropped, notes=notes)
+                             dropped=dropped, notes=notes, data={"hu_window": window})
 
 
 def _authors_name(key: str) -> str | None:
