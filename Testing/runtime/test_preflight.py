@@ -281,7 +281,7 @@ def test_every_pretraining_alternative_validates_and_runs(method, preset, ct_dir
         offered = pretrain_alternatives(cfg)
         assert offered and all(flags.startswith("--set ") for flags, _ in offered)
         for flags, changed in offered:
-            rebuilt = _rebuilt(flags, lambda sets: build_config(preset, method, {**asked, **sets}))
+            rebuilt = _rebuilt(flags, lambda sets, asked=asked: build_config(preset, method, {**asked, **sets}))
             assert rebuilt == changed, flags
             if method == "hybridmim":  # its contrastive term is exactly 0 with one crop per batch
                 assert rebuilt.data.batch_size >= 2 and rebuilt.mask.roi % 32 == 0, flags

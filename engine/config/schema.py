@@ -53,7 +53,7 @@ _ConfigLoader.add_implicit_resolver(  # after the int resolver of the same first
 
 def load_yaml(stream) -> Any:
     """Parse a config YAML (a preset, a study file, a `--set` value): safe, and with the 1.2 rules of `_ConfigLoader`."""
-    return yaml.load(stream, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader)
+    return yaml.load(stream, Loader=_ConfigLoader)  # _ConfigLoader is a SafeLoader
 
 
 def build_dataclass(cls, tree: dict[str, Any], where: str):
