@@ -98,7 +98,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set mask.k2=2 --set train.lr=5e-4 (YAML values)")
+                   help="override a setting, e.g. --set mask.k2=2 --set train.lr=5e-4 (YAML values, checked "
+                   "against the setting's type)")
     _memory_check_arg(p)
     _progress_arg(p)
     p.set_defaults(func=_pretrain)
@@ -113,13 +114,20 @@ def _pretrain(args) -> None:
 
 
 def parse_sets(pairs: list[str]) -> dict:
+    """--set KEY=VALUE pairs as {KEY: value}, each value read as YAML 1.2 (`off` is a word, 5e-4 a number); the
+    config builder then checks each against its setting's type."""
     import yaml
+
+    from engine.config.schema import load_yaml
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--set expects KEY=VALUE, got '{pair}'")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = load_yaml(value)
+        except yaml.YAMLError as err:
+            raise UserError(f"--set {pair}: not a YAML value ({' '.join(str(err).split())})") from None
     return out
 
 

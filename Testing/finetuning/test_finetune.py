@@ -157,3 +157,49 @@ def test_classification_on_synthetic_volumes(tmp_path, capsys):
     assert steps[-1]["metrics"]["val_cases"] == 2
     model = load_checkpoint(run / "model.pt")
     assert model["kind"] == "classification" and model["classes"] == ["clear", "dense"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_4mm(ct_dir, tmp_path_factory):
+    """A tiny pre-training run on real CT at a spacing and window that no fine-tuning preset has."""
+    out = tmp_path_factory.mktemp("pretrain4mm") / "run"
+    run_engine("pretrain", "--data", str(ct_dir), "--preset", "tiny", "--steps", "1", "--out", str(out),
+               "--set", "data.spacing=[4,4,4]", "--set", "data.hu_window=[-500,500]", "--progress", "none")
+    return out / "checkpoint.pt"
+
+
+def _finetune_data_records(run):
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    weights = json.loads((run / "weights.json").read_text())
+    return config, weights
+
+
+def test_fine_tuning_sees_the_spacing_and_window_of_pre_training(chest, pretrained_4mm, tmp_path):
+    """No --set data.*: the tiny preset's 3 mm and [-1000, 1000] give way to the checkpoint's, silently."""
+    run = tmp_path / "run"
+    result = run_engine("finetune", "--data", str(chest), "--pretrained", str(pretrained_4mm), "--preset", "tiny",
+                        "--steps", "1", "--fold", "0", "--train-cases", "1", "--out", str(run), "--progress", "none")
+    assert "pre-trained" not in result.stderr, result.stderr
+    config, weights = _finetune_data_records(run)
+    seen = {"spacing": [4.0, 4.0, 4.0], "hu_window": [-500.0, 500.0]}
+    assert config["data"]["spacing"] == seen["spacing"] and config["data"]["hu_window"] == seen["hu_window"]
+    assert config["pretrained_data"] == seen
+    assert weights["pretrained_data"] == seen and weights["data"] == seen
+    model = load_checkpoint(run / "model.pt")
+    assert (model["spacing"], model["hu_window"]) == (seen["spacing"], seen["hu_window"])  # what inference uses
+
+
+def test_a_window_other_than_pre_trainings_is_warned_once_and_recorded(chest, pretrained_4mm, tmp_path):
+    run = tmp_path / "run"
+    result = run_engine("finetune", "--data", str(chest), "--pretrained", str(pretrained_4mm), "--preset", "tiny",
+                        "--steps", "1", "--fold", "0", "--train-cases", "1", "--out", str(run), "--progress", "none",
+                        "--set", "data.hu_window=[-175,250]")
+    warnings = [line for line in result.stderr.splitlines() if "pre-trained" in line]
+    assert len(warnings) == 1, result.stderr
+    assert "data.hu_window=[-175.0, 250.0]" in warnings[0] and "hu_window [-500.0, 500.0]" in warnings[0]
+    assert "spacing" not in warnings[0]  # the spacing still follows the checkpoint
+    config, weights = _finetune_data_records(run)
+    assert config["data"]["hu_window"] == [-175.0, 250.0] and config["data"]["spacing"] == [4.0, 4.0, 4.0]
+    assert config["pretrained_data"] == {"spacing": [4.0, 4.0, 4.0], "hu_window": [-500.0, 500.0]}
+    assert weights["data"] == {"spacing": [4.0, 4.0, 4.0], "hu_window": [-175.0, 250.0]}
+    assert weights["pretrained_data"] == config["pretrained_data"]

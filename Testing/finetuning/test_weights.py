@@ -298,3 +298,13 @@ def test_swinunetr_ssl_weights_feed_monai_swinunetr(tmp_path):
                                       "module.rotation_head.weight"]
     theirs = ssl["state_dict"]["module.layers2.0.blocks.1.mlp.fc2.weight"]
     assert torch.equal(seg.swinViT.layers2[0].blocks[1].mlp.linear2.weight, theirs)
+
+
+def test_weights_carry_what_pre_training_saw(tmp_path):
+    """Ours: the spacing and window of the pre-training config. The authors': their HU window (a_min, a_max) and
+    no spacing, since they did not resample; said in a note. SwinUNETR-SSL: nothing known."""
+    path, _ = _pretrain_checkpoint(tmp_path, overrides={"data.spacing": [4, 4, 4], "data.hu_window": [-500, 500]})
+    assert read_pretrained(path).data == {"spacing": [4.0, 4.0, 4.0], "hu_window": [-500.0, 500.0]}
+    weights = read_pretrained(_authors_file(tmp_path)[0])
+    assert weights.data == {"hu_window": [-1000.0, 1000.0]}
+    assert any("did not resample" in note and "spacing stays the preset's" in note for note in weights.notes)

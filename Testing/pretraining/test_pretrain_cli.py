@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+import yaml
 from engine_testing import run_engine
 
 
@@ -108,6 +109,10 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, ct_dir):
         (["pretrain", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o1")], "no such file"),
         (["pretrain", "--data", str(ct_dir), "--preset", "tinny", "--out", str(tmp_path / "o2")], "Did you mean 'tiny'"),
         (["pretrain", "--data", str(ct_dir), "--method", "maee", "--out", str(tmp_path / "o3")], "Did you mean 'mae'"),
+        (["pretrain", "--data", str(ct_dir), "--set", "train.steps=abc", "--out", str(tmp_path / "o4")],
+         "setting 'train.steps' expects an integer, got 'abc'"),
+        (["pretrain", "--data", str(ct_dir), "--set", "train.lr=[5e-4]", "--out", str(tmp_path / "o5")],
+         "setting 'train.lr' expects a number, got [0.0005]"),
         (["reconstruct", "--checkpoint", str(tmp_path / "none.pt"), "--image", "x.nii.gz", "--out", str(tmp_path)],
          "no such checkpoint"),
     ]
@@ -117,3 +122,18 @@ def test_user_mistakes_get_one_line_and_exit_2(tmp_path, ct_dir):
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and expected in lines[0], result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_set_values_reach_training_with_their_types(ct_dir, tmp_path):
+    """The README's `--set train.lr=5e-4` is a number (YAML 1.1 would read a string), and `--set train.amp=off`,
+    the NaN guard's advice, is the word off (YAML 1.1 would read False)."""
+    run = tmp_path / "run"
+    run_engine("pretrain", "--data", str(ct_dir), "--preset", "tiny", "--steps", "1", "--out", str(run),
+               "--set", "train.lr=5e-4", "--set", "train.amp=off", "--progress", "none")
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 5e-4 and isinstance(saved["train"]["lr"], float)
+    assert saved["train"]["amp"] == "off"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["train"]["lr"] == 5e-4 and ckpt["config"]["train"]["amp"] == "off"
+    assert all(group["lr"] == pytest.approx(5e-4) for group in ckpt["optimizer"]["param_groups"])  # tiny: 1 warm-up step
+    assert json.loads((run / "log.jsonl").read_text().splitlines()[0])["lr"] == pytest.approx(5e-4)

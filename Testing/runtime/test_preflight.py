@@ -15,12 +15,12 @@ import torch.nn as nn
 from engine_testing import CT_2MM, REPO, SHARED_DATA, crop_ct, require_shared_data
 from monai.data import MetaTensor
 
-from engine.cli import main
+from engine.cli import main, parse_sets
 from engine.config.finetune import build_finetune_config
 from engine.config.pretrain import build_config
 from engine.data.labelled import index_folder, load_dataset, select_cases
 from engine.errors import UserError
-from engine.finetuning.preflight import finetune_estimate
+from engine.finetuning.preflight import _with_config, finetune_alternatives, finetune_estimate
 from engine.finetuning.segmentation import SegmentationTask
 from engine.imageio.geometry import model_grid_size, to_model_grid
 from engine.imageio.volumes import read_input
@@ -28,6 +28,7 @@ from engine.inference.preflight import InferencePreflight, check_volume, count_w
 from engine.inference.run import InferenceSettings, SegmentationPredictor, sliding_window_probabilities
 from engine.models import build_pretrainer
 from engine.models.segmenter import build_segmenter
+from engine.pretraining.preflight import pretrain_alternatives, pretrain_estimate
 from engine.pretraining.step import step_function
 from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import save_checkpoint
@@ -252,3 +253,76 @@ def test_model_grid_size_from_the_header_matches_resampling():
     spacing = (1.5, 2.0, 3.0)
     assert model_grid_size(image.GetSize(), image.GetSpacing(), image.GetDirection(), spacing) == \
         tuple(to_model_grid(image, spacing).GetSize())
+
+
+# --- the alternatives a refusal may name: each one a setting that validates and runs ------------------------
+
+def _rebuilt(flags: str, build):
+    """The config a user gets by pasting `flags` (`--set K=V ...`) after the same command."""
+    return build(parse_sets(flags.replace("--set ", "").split()))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+@pytest.mark.parametrize("method", ["mim", "mae", "hybridmim"])
+def test_every_pretraining_alternative_validates_and_runs(method, preset, ct_dir):
+    items = [{"image": str(path)} for path in sorted(ct_dir.glob("*_ct.nii.gz"))]
+    for asked in ({}, {"data.batch_size": 4}):  # the preset's batch, and one with room to lower it
+        cfg = build_config(preset, method, asked)
+        offered = pretrain_alternatives(cfg)
+        assert offered and all(flags.startswith("--set ") for flags, _ in offered)
+        for flags, changed in offered:
+            rebuilt = _rebuilt(flags, lambda sets, asked=asked: build_config(preset, method, {**asked, **sets}))
+            assert rebuilt == changed, flags
+            if method == "hybridmim":  # its contrastive term is exactly 0 with one crop per batch
+                assert rebuilt.data.batch_size >= 2 and rebuilt.mask.roi % 32 == 0, flags
+            if method != "mim":  # MiM's traces take minutes on base; its alternatives are traced by the refusals
+                assert pretrain_estimate(rebuilt, items).host > 0, flags
+        roi = [changed.mask.roi for _, changed in offered if changed.mask.roi != cfg.mask.roi]
+        assert roi == sorted(roi, reverse=True) and all(r < cfg.mask.roi for r in roi)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base"])
+@pytest.mark.parametrize("task,backbone", [("segmentation", "hybrid"), ("classification", "hybrid"),
+                                           ("segmentation", "swinunetr"), ("classification", "swinunetr")])
+def test_every_finetuning_alternative_validates_and_runs(preset, task, backbone, chest):
+    asked = {"model.backbone": backbone, "data.batch_size": 2}
+    if backbone == "swinunetr":
+        asked["model.roi"] = 64 if preset == "tiny" else 96  # SwinUNETR: divisible by 32, at least 64
+    cfg = build_finetune_config(preset, task, overrides=asked)
+    dataset = load_dataset(chest)
+    job = SegmentationTask(cfg, dataset, select_cases(dataset, 0, None, 0))
+    for flags, changed in finetune_alternatives(cfg):
+        assert _rebuilt(flags, lambda sets: build_finetune_config(preset, task, overrides={**asked, **sets})) == changed
+        if task == "segmentation" and backbone == "hybrid":  # SwinUNETR cannot be built on the meta device
+            assert finetune_estimate(_with_config(job, changed)).host > 0, flags
+
+
+def test_hybridmim_settings_that_cannot_train_are_refused(ct_dir, tmp_path, capsys):
+    with pytest.raises(UserError, match=r"HybridMIM needs mask.roi divisible by 32.*got 48 \(e.g. --set mask.roi=32\)"):
+        build_config("base", "hybridmim", {"mask.roi": 48})
+    with pytest.raises(UserError, match="HybridMIM needs data.batch_size >= 2"):
+        build_config("tiny", "hybridmim", {"data.batch_size": 1})
+    with pytest.raises(UserError, match="HybridMIM on the hybrid encoder needs a patch of 16"):
+        build_config("tiny", "hybridmim", {"hybridmim.backbone": "hybrid", "encoder.strides": [2, 2, 2, 1]})
+    build_config("tiny", "mim", {"data.batch_size": 1})  # MiM and MAE train on one crop
+    line = _one_error_line(["pretrain", "--data", str(ct_dir), "--method", "hybridmim", "--set", "data.batch_size=1",
+                            "--out", str(tmp_path / "run")], capsys)
+    assert "HybridMIM needs data.batch_size >= 2" in line and not (tmp_path / "run").exists()
+
+
+def test_hybridmim_refusal_names_a_batch_that_trains(ct_dir, tmp_path, monkeypatch, capsys):
+    """Too little memory for 4 crops: the refusal names the smallest batch HybridMIM trains with, 2, and that
+    setting, pasted after the same command, runs."""
+    items = [{"image": str(path)} for path in sorted(ct_dir.glob("*_ct.nii.gz"))]
+    asked = pretrain_estimate(build_config("tiny", "hybridmim", {"data.batch_size": 4}), items).host
+    fewer = pretrain_estimate(build_config("tiny", "hybridmim", {"data.batch_size": 2}), items).host
+    assert fewer < asked
+    monkeypatch.setenv(LIMIT_ENV, str((asked + fewer) / 2 / MARGIN / 1e9))
+    command = ["pretrain", "--data", str(ct_dir), "--method", "hybridmim", "--steps", "1", "--progress", "none",
+               "--set", "data.batch_size=4"]
+    line = _one_error_line(command + ["--out", str(tmp_path / "refused")], capsys)
+    assert "--set data.batch_size=2 would need about" in line and "batch_size=1" not in line
+    flags = line.split("; ")[-1].split(" would need")[0].split()
+    assert flags == ["--set", "data.batch_size=2"]
+    assert main(command + flags + ["--out", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()

@@ -1,10 +1,14 @@
 """The shared training loop: NaN guard, accumulation, schedule, checkpoints every N steps."""
 import itertools
 import json
+import re
 
 import pytest
 import torch
 
+from engine.cli import parse_sets
+from engine.config.finetune import build_finetune_config
+from engine.config.pretrain import build_config
 from engine.config.sections import TrainConfig
 from engine.errors import TrainingDiverged
 from engine.runtime.progress import Progress
@@ -28,9 +32,15 @@ def test_nan_loss_stops_with_a_clear_message_before_saving(tmp_path):
     def step_fn(model, batch):
         loss = model(batch).mean() * float("nan")
         yield {"loss": loss}, loss
-    with pytest.raises(TrainingDiverged, match=r"loss 'loss' became nan at step 1.*--set train.lr=.*--set train.amp=off"):
+    with pytest.raises(TrainingDiverged, match=r"loss 'loss' became nan at step 1.*--set train.lr=.*--set train.amp=off") as err:
         _run(tmp_path, step_fn)
     assert not (tmp_path / "log.jsonl").exists()
+    # the advice works as written: every --set it names is a setting of both stages, of the right type
+    flags = re.findall(r"--set (\S+?)\)?[;,]?(?:\s|$)", str(err.value))
+    assert flags == ["train.lr=...", "train.amp=off"]
+    sets = parse_sets([flag.replace("...", "5e-4") for flag in flags])  # the README's lower learning rate
+    for cfg in (build_config("tiny", "mim", sets), build_finetune_config("tiny", overrides=sets)):
+        assert (cfg.train.lr, cfg.train.amp) == (5e-4, "off")
 
 
 def test_checkpoints_every_n_steps_and_at_the_end(tmp_path):

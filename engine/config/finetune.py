@@ -7,14 +7,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
 from engine.config.schema import (
     PRESET_DIR,
     available_presets,
     build_dataclass,
     check_choice,
     load_preset,
+    load_yaml,
     merge_trees,
     to_plain,
     undot,
@@ -38,8 +37,9 @@ class ModelConfig:
 
     def validate(self, patch_size: int) -> None:
         check_choice("model.backbone", self.backbone, BACKBONES)
-        if self.backbone == "hybrid" and self.roi % patch_size:
-            raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}")
+        if self.backbone == "hybrid" and (self.roi % patch_size or self.roi < 2 * patch_size):
+            raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}, and at "
+                            f"least two of them (the decoder normalises the token grid: one token is too few)")
         if self.backbone == "swinunetr":
             if self.roi % 32 or self.roi < 64:
                 raise UserError(f"SwinUNETR needs model.roi divisible by 32 and at least 64, got {self.roi} "
@@ -85,6 +85,15 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class PretrainedDataConfig:
+    """What the pre-trained encoder saw: its pre-training's voxel spacing and HU window (None: not known, or no
+    pre-trained weights). By default the run's `data` takes them; recorded here, next to the run's own."""
+
+    spacing: tuple[float, ...] | None = None
+    hu_window: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     task: str = "segmentation"
     preset: str = "base"
@@ -92,6 +101,7 @@ class FinetuneConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    pretrained_data: PretrainedDataConfig = field(default_factory=PretrainedDataConfig)
     crop: CropConfig = field(default_factory=CropConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     val: ValidationConfig = field(default_factory=ValidationConfig)
@@ -120,7 +130,7 @@ def load_finetune_preset(name: str) -> dict[str, Any]:
     if name not in presets:
         check_choice("preset", name, tuple(presets))
     with open(FINETUNE_PRESET_DIR / f"{name}.yaml") as f:
-        return yaml.safe_load(f) or {}
+        return load_yaml(f) or {}
 
 
 def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict | None = None,

@@ -11,6 +11,7 @@ from engine.config.sections import DataConfig, DecoderConfig, EncoderConfig, Tra
 from engine.errors import UserError
 
 METHODS = ("mim", "mae", "hybridmim")
+HYBRIDMIM_PATCH = 16  # the HybridMIM authors' masking patch; a region is 2x2x2 of them
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class MaskConfig:
         if self.roi % patch_size:
             raise UserError(f"roi={self.roi} must be a multiple of the patch size {patch_size}")
         grid = self.roi // patch_size
+        if grid < 2:
+            raise UserError(f"roi={self.roi} is one patch of {patch_size}: masking needs at least 2 patches per side")
         if self.levels not in (1, 2, 3):
             raise UserError(f"levels must be 1, 2 or 3, got {self.levels}")
         if len(self.ratios) < max(self.levels, 2):
@@ -78,6 +81,21 @@ class HybridMIMConfig:
         check_choice("hybridmim.backbone", self.backbone, ("unet", "hybrid"))
         if len(self.unet_features) != 6:
             raise UserError(f"hybridmim.unet_features needs 6 entries (MONAI BasicUNet), got {self.unet_features}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise UserError(f"hybridmim.mask_ratio must lie strictly between 0 and 1, got {self.mask_ratio}")
+
+    def validate_run(self, roi: int, batch_size: int, patch_size: int) -> None:
+        """What a HybridMIM run needs of the other sections: its ROI, batch and (hybrid backbone) encoder patch."""
+        region = 2 * HYBRIDMIM_PATCH
+        if roi < region or roi % region:
+            raise UserError(f"HybridMIM needs mask.roi divisible by {region} (its regions are 2x2x2 masking patches "
+                            f"of {HYBRIDMIM_PATCH}), got {roi} (e.g. --set mask.roi={max(region, roi // region * region)})")
+        if batch_size < 2:
+            raise UserError(f"HybridMIM needs data.batch_size >= 2: its contrastive term takes the batch's other crops "
+                            f"as negatives, and with {batch_size} it and its gradient are exactly 0")
+        if self.backbone == "hybrid" and patch_size != HYBRIDMIM_PATCH:
+            raise UserError(f"HybridMIM on the hybrid encoder needs a patch of {HYBRIDMIM_PATCH} (encoder strides whose "
+                            f"product is {HYBRIDMIM_PATCH}), got {patch_size}")
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,8 @@ class PretrainConfig:
             self.mask.validate(self.encoder.patch_size)
         self.loss.validate()
         self.hybridmim.validate()
+        if self.method == "hybridmim":
+            self.hybridmim.validate_run(self.mask.roi, self.data.batch_size, self.encoder.patch_size)
         self.train.validate()
         if self.method == "mae" and self.mask.levels != 1:
             raise UserError("method 'mae' is one level; use method 'mim' for several levels")

@@ -3,7 +3,6 @@ the task's own step function, and validation."""
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -14,16 +13,16 @@ from engine.imageio.volumes import VolumeHeader
 from engine.inference.preflight import forward_peak, tile_peak
 from engine.runtime.memory import F32, Activations, MemoryEstimate
 from engine.training.preflight import (
-    as_flags,
-    changed_config,
     check_fits,
     grid_voxels,
     load_peak,
     meta_batch,
     optimiser_bytes,
     read_headers,
+    smaller_sides,
     training_estimate,
     training_step_peak,
+    valid_changes,
 )
 
 FINETUNE_LOAD = (0, 26)
@@ -87,8 +86,8 @@ def check_finetune(job, device: torch.device, resume: bool) -> MemoryEstimate:
                       "the cached cases are the bulk: fewer --train-cases or a coarser --set data.spacing")
 
 
-def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, Callable[[], FinetuneConfig]]]:
-    """Smaller settings to try, smallest change first."""
+def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, FinetuneConfig]]:
+    """Smaller settings to try, smallest change first; only settings valid for the backbone are offered."""
     changes = []
     if cfg.task == "segmentation" and cfg.crop.samples > 1:
         changes.append({"crop.samples": 1})
@@ -96,8 +95,8 @@ def finetune_alternatives(cfg: FinetuneConfig) -> list[tuple[str, Callable[[], F
         changes.append({"data.batch_size": 1})
     if cfg.task == "segmentation" and cfg.val.sw_batch_size > 1:
         changes.append({"val.sw_batch_size": 1})
-    changes.append({"model.roi": cfg.model.roi // 2})
-    return [(as_flags(change), changed_config(cfg.to_dict(), change, finetune_config_from_dict)) for change in changes]
+    changes += [{"model.roi": roi} for roi in smaller_sides(cfg.model.roi, cfg.encoder.patch_size)]
+    return valid_changes(cfg, changes, finetune_config_from_dict)
 
 
 def _with_config(job, cfg: FinetuneConfig):

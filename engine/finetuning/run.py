@@ -5,6 +5,7 @@ pre-trained key report), log.jsonl, checkpoint.pt (latest training state, for --
 model by validation: self-contained for inference)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from engine.config.finetune import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
-from engine.config.schema import check_choice
+from engine.config.schema import check_choice, to_plain
 from engine.data.labelled import CaseSelection, load_classification_dataset, load_dataset, select_cases
 from engine.errors import UserError
 from engine.finetuning.classification import ClassificationTask
@@ -81,7 +82,7 @@ def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.d
     dataset = _load_data(request.task, request.data)
     cases = _cases(folder.resumed, dataset, request)
     weights = _pretrained(request.pretrained) if folder.resumed is None else None
-    cfg = _resolve_config(folder.resumed, request, weights)
+    cfg = _resolve_config(folder.resumed, request, weights, info.is_main)
     cfg = _with_length(cfg, len(cases.training), request.steps, request.epochs)
     job = TASK_TYPES[request.task](cfg, dataset, cases)
     job.shard = info
@@ -102,8 +103,11 @@ def _build_model(job, weights: PretrainedWeights | None, folder: RunFolder) -> n
     if weights is not None:
         report = load_pretrained(model, weights)
         log.info("%s", report.summary())
-        if folder.info.is_main:
-            write_json(report.to_dict(), folder.path / "weights.json")
+        if folder.info.is_main:  # with what the encoder saw in pre-training, and what this run feeds it
+            data = job.cfg.data
+            write_json({**report.to_dict(), "pretrained_data": to_plain(dataclasses.asdict(job.cfg.pretrained_data)),
+                        "data": {"spacing": list(data.spacing), "hu_window": list(data.hu_window)}},
+                       folder.path / "weights.json")
     if job.cfg.freeze_encoder:
         freeze(model)
     return model
@@ -150,7 +154,8 @@ def _pretrained(pretrained: str | None) -> PretrainedWeights | None:
     return read_pretrained(pretrained)
 
 
-def _resolve_config(ckpt: dict | None, request: FinetuneRequest, weights: PretrainedWeights | None) -> FinetuneConfig:
+def _resolve_config(ckpt: dict | None, request: FinetuneRequest, weights: PretrainedWeights | None,
+                    is_main: bool = True) -> FinetuneConfig:
     extra = dict(request.overrides or {})
     if ckpt is not None:
         if any(k != "train.steps" for k in extra) or request.freeze_encoder:
@@ -159,11 +164,42 @@ def _resolve_config(ckpt: dict | None, request: FinetuneRequest, weights: Pretra
     extra.setdefault("train.seed", request.seed)
     if request.freeze_encoder:
         extra["freeze_encoder"] = True
+    chosen: list[str] = []  # the data settings the user gave (the others follow the checkpoint)
     if weights is not None:
         extra.setdefault("model.backbone", weights.backbone)
         if weights.feature_size is not None:
             extra["model.feature_size"] = weights.feature_size
-    return build_finetune_config(request.preset, request.task, weights.encoder if weights else None, extra)
+        for key, value in weights.data.items():  # spacing and window: the checkpoint's, unless the user sets them
+            extra[f"pretrained_data.{key}"] = value
+            if _overridden(request.overrides or {}, "data", key):
+                chosen.append(key)
+            else:
+                extra[f"data.{key}"] = value
+    cfg = build_finetune_config(request.preset, request.task, weights.encoder if weights else None, extra)
+    if weights is not None and is_main:
+        _report_data(cfg, weights, chosen)
+    return cfg
+
+
+def _overridden(overrides: dict, section: str, key: str) -> bool:
+    """Whether the user's settings (dotted, or nested as in a study file) set `section.key`."""
+    nested = overrides.get(section)
+    return f"{section}.{key}" in overrides or (isinstance(nested, dict) and key in nested)
+
+
+def _report_data(cfg: FinetuneConfig, weights: PretrainedWeights, chosen: list[str]) -> None:
+    """Say where the spacing and window come from; warn once when the user's differ from pre-training's."""
+    seen = {key: getattr(cfg.pretrained_data, key) for key in weights.data}
+    differ = [key for key in chosen if tuple(getattr(cfg.data, key)) != tuple(seen[key])]
+    if differ:
+        log.warning("fine-tuning with %s, but the encoder was pre-trained with %s: both are recorded in config.yaml "
+                    "and weights.json (data, pretrained_data)",
+                    " and ".join(f"data.{key}={list(getattr(cfg.data, key))}" for key in differ),
+                    " and ".join(f"{key} {list(seen[key])}" for key in differ))
+    taken = [key for key in seen if key not in chosen]
+    if taken:
+        log.info("%s: as the encoder was pre-trained (--set data.%s=... to choose otherwise)",
+                 ", ".join(f"data.{key}={list(seen[key])}" for key in taken), "/".join(taken))
 
 
 def _with_length(cfg: FinetuneConfig, n_training: int, steps: int | None, epochs: int | None) -> FinetuneConfig:

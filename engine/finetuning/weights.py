@@ -33,6 +33,7 @@ ALLOWED_GLOBALS = [argparse.Namespace]  # the only class the authors' checkpoint
 AUTHORS_HEADS = {"convmae_convvit_base_patch16": 12, "convmae_convvit_base_patch16_i128": 12,
                  "convmae_convvit_tiny_patch16": 3}
 AUTHORS_HEAD_DIM = 32  # the same in every builder of theirs (384 / 12, 96 / 3): the fallback for another model_name
+AUTHORS_HU_WINDOW = (-1000.0, 1000.0)  # their a_min / a_max defaults; they scale HU to [0, 1] and do not resample
 
 # the authors' encoder key -> ours (regex over the whole key; \1, \2 are stage / block indices)
 AUTHORS_KEY_MAP = [
@@ -68,6 +69,7 @@ class PretrainedWeights:
     backbone: str  # hybrid | swinunetr: which network these weights feed
     encoder: dict | None = None  # encoder config implied by the weights (hybrid)
     feature_size: int | None = None  # SwinUNETR embedding width
+    data: dict = field(default_factory=dict)  # what pre-training saw, where known: spacing (mm), hu_window (HU)
     ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
     notes: list[str] = field(default_factory=list)
 
@@ -152,7 +154,10 @@ def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
     taken = {k for k in state if k.startswith(prefix) and (k != prefix + "pos_embed" or keep_pos)}
     mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items() if k in taken}
     ignored = [k for k in state if k not in taken]
-    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored)
+    seen = config.get("data") or {}
+    data = {key: [float(v) for v in seen[key]] for key in ("spacing", "hu_window") if seen.get(key) is not None}
+    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored,
+                             data=data)
 
 
 def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
@@ -167,9 +172,13 @@ def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
         else:
             raise UserError(f"{path}: unexpected key '{key}' for a MiM-authors checkpoint (no key map for it)")
     encoder = authors_encoder_config(state, args)
+    window = [float(getattr(args, "a_min", AUTHORS_HU_WINDOW[0])), float(getattr(args, "a_max", AUTHORS_HU_WINDOW[1]))]
     notes = [(f"encoder variant 'authors' (their function: GELU-ended patch embeddings, patch_embed5 as token_proj, "
-              f"ViT LayerNorm eps 1e-6), {encoder['num_heads']} heads")]
-    return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored, notes=notes)
+              f"ViT LayerNorm eps 1e-6), {encoder['num_heads']} heads"),
+             f"their pre-training windowed HU to {window} (a_min, a_max) and did not resample the volumes: "
+             "data.hu_window defaults to theirs, data.spacing stays the preset's"]
+    return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored, notes=notes,
+                             data={"hu_window": window})
 
 
 def _authors_name(key: str) -> str | None:

@@ -8,14 +8,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 
-from engine.config.pretrain import PretrainConfig, replace_encoder
+from engine.config.pretrain import HYBRIDMIM_PATCH, PretrainConfig, replace_encoder
 from engine.losses import nt_xent, region_losses
 from engine.masking import random_mask, unpatchify
 from engine.models.blocks import mlp
 from engine.models.decoder import MAEDecoder
 from engine.models.hybrid_encoder import HybridEncoder
 
-MASK_PATCH = 16  # the authors' masking patch
+MASK_PATCH = HYBRIDMIM_PATCH  # the authors' masking patch
 
 
 class HybridMIMPretrainer(nn.Module):

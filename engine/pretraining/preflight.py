@@ -3,7 +3,6 @@ device with pre-training's own step function."""
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 
@@ -14,16 +13,16 @@ from engine.pretraining.step import step_function
 from engine.runtime.device import amp_dtype
 from engine.runtime.memory import F32, Activations, MemoryEstimate
 from engine.training.preflight import (
-    as_flags,
-    changed_config,
     check_fits,
     grid_voxels,
     load_peak,
     meta_batch,
     optimiser_bytes,
     read_headers,
+    smaller_sides,
     training_estimate,
     training_step_peak,
+    valid_changes,
 )
 
 # Bytes a volume costs while it is read, per voxel of the file (on top of its pixel bytes) and per voxel of the
@@ -80,16 +79,18 @@ def check_pretrain(cfg: PretrainConfig, items: list[dict], device: torch.device,
                       "the cached volumes are the bulk: --set data.cache_dir=FOLDER keeps them on disk instead")
 
 
-def pretrain_alternatives(cfg: PretrainConfig) -> list[tuple[str, Callable[[], PretrainConfig]]]:
-    """Smaller settings to try, smallest change first: the first ones train the same model on the same views."""
+def pretrain_alternatives(cfg: PretrainConfig) -> list[tuple[str, PretrainConfig]]:
+    """Smaller settings to try, smallest change first: the first ones train the same model on the same views. Only
+    settings valid for the method are offered (HybridMIM: a batch of at least 2, an ROI divisible by 32)."""
     changes = []
     if cfg.method != "hybridmim" and cfg.train.views_per_pass != 1:
         changes.append({"train.views_per_pass": 1})
-    if cfg.data.batch_size > 1:
-        changes.append({"data.batch_size": 1})
+    smallest_batch = 2 if cfg.method == "hybridmim" else 1  # HybridMIM's contrast needs other crops in the batch
+    if cfg.data.batch_size > smallest_batch:
+        changes.append({"data.batch_size": smallest_batch})
     if cfg.method == "mim" and cfg.mask.levels == 3 and cfg.mask.k3 > 1:
         changes.append({"mask.k3": 1})
     if cfg.method == "mim" and cfg.mask.levels >= 2 and cfg.mask.k2 > 1:
         changes.append({"mask.k2": 1, "mask.k3": 1})
-    changes.append({"mask.roi": cfg.mask.roi // 2})
-    return [(as_flags(change), changed_config(cfg.to_dict(), change, config_from_dict)) for change in changes]
+    changes += [{"mask.roi": roi} for roi in smaller_sides(cfg.mask.roi, cfg.encoder.patch_size)]
+    return valid_changes(cfg, changes, config_from_dict)

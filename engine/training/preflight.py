@@ -118,10 +118,21 @@ def as_flags(change: dict) -> str:
     return " ".join(f"--set {key}={value}" for key, value in change.items())
 
 
-def changed_config(tree: dict, change: dict, build) -> Callable:
-    def make():
-        return build(merge_trees(tree, undot(change))).validate()
-    return make
+def valid_changes(cfg, changes: list[dict], build: Callable) -> list[tuple[str, object]]:
+    """The changes of `cfg` that give a valid config of its own kind (method, task, backbone), each as the flags a
+    user can paste and the config they make; a change that does not validate is never offered."""
+    tree, valid = cfg.to_dict(), []
+    for change in changes:
+        try:
+            valid.append((as_flags(change), build(merge_trees(tree, undot(change))).validate()))
+        except UserError:
+            continue
+    return valid
+
+
+def smaller_sides(side: int, step: int) -> list[int]:
+    """Every smaller multiple of `step` below `side`, largest first: the ROIs to try, least reduction first."""
+    return list(range((side - 1) // step * step, 0, -step))
 
 
 def _data_heavy(estimate: MemoryEstimate) -> bool:
@@ -130,14 +141,11 @@ def _data_heavy(estimate: MemoryEstimate) -> bool:
 
 def suggestion(alternatives, estimate_with, available: dict[str, int], data_hint: str = "",
                smaller: str | None = None) -> str:
-    """The first alternative setting whose estimate fits (tried in order), as a hint a user can paste; else the
-    `smaller` preset."""
+    """The first alternative setting whose estimate fits (tried in order; each one a valid config, see
+    `valid_changes`), as a hint a user can paste; else the `smaller` preset."""
     hints = [data_hint] if data_hint else []
-    for flags, make in alternatives:
-        try:
-            estimate = estimate_with(make())
-        except (UserError, ValueError):  # not a valid setting for this model
-            continue
+    for flags, changed in alternatives:
+        estimate = estimate_with(changed)
         if estimate.fits(available):
             hints.append(f"{flags} would need about {(estimate.host + estimate.device) / GB:.2f} GB")
             break
