@@ -265,3 +265,10 @@ def test_curriculum_ramps_are_the_authors():
     assert level_weights((1, 1, 1), 3, "coarse_to_fine", 0.5) == pytest.approx([1.7071, 1, 0.7071], abs=1e-4)
     assert level_weights((1, 1, 1), 3, "fine_to_coarse", 0.0) == pytest.approx([0, 1, 2])
     assert level_weights((1, 2, 3), 3, "concurrent", 0.3) == [1, 2, 3]
+
+
+def test_hybridmim_masked_voxels_differ_from_air():
+    """A masked voxel is 0; windowed air is 0 too, so HybridMIM lifts intensities to [0.001, 1] before masking."""
+    from engine.models.hybridmim import AIR, lift_air
+    air_and_bone = torch.tensor([0.0, 1.0])
+    assert lift_air(air_and_bone).tolist() == pytest.approx([AIR, 1.0]) and AIR > 0

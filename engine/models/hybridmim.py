@@ -16,6 +16,10 @@ from engine.models.decoder import MAEDecoder
 from engine.models.hybrid_encoder import HybridEncoder
 
 MASK_PATCH = HYBRIDMIM_PATCH  # the authors' masking patch
+# Windowed CT is in [0, 1] with air at 0, the value a masked voxel is set to: in air a masked patch would look
+# visible, and the count and position targets would be unknowable there. Intensities are lifted to [AIR, 1] first
+# (as HybridMIM's [0.001, 1] scaling does), so only masked voxels are exactly 0.
+AIR = 0.001
 
 
 class HybridMIMPretrainer(nn.Module):
@@ -42,6 +46,7 @@ class HybridMIMPretrainer(nn.Module):
         """images: [B, C, R, R, R] with B >= 2 (the other samples are the contrast's negatives)."""
         h = self.cfg.hybridmim
         b = images.shape[0]
+        images = lift_air(images)
         mask = random_mask(b, self.grid**3, h.mask_ratio, generator).mask.to(images.device)  # [B, N]
         voxel_mask = unpatchify(mask[..., None].float().expand(-1, -1, MASK_PATCH**3), MASK_PATCH, (self.grid,) * 3)
         masked = images * (1 - voxel_mask)
@@ -59,6 +64,11 @@ class HybridMIMPretrainer(nn.Module):
         losses = {"rec": rec, "count": count, "position": position, "consistency": consistency, "contrast": contrast}
         losses["loss"] = sum(w * losses[k] for w, k in zip(h.weights, ("rec", "count", "position", "consistency", "contrast")))
         return losses
+
+
+def lift_air(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> [AIR, 1]: air stays distinguishable from a masked (zeroed) voxel."""
+    return AIR + (1.0 - AIR) * images
 
 
 class UNetBackbone(nn.Module):
