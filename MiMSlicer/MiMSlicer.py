@@ -16,8 +16,13 @@ try:  # PySide6 (the test harness) only: Qt properties as attributes, as PythonQ
 except ImportError:
     pass
 
-from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks
-from MiMSlicerLib.session import FILE_CHOICE, Session
+from MiMSlicerLib import compatibility  # Python 3.9 syntax: every Slicer reads it, so an old one gets this line
+
+if compatibility.whyUnsupported(slicer.app):
+    raise ImportError(compatibility.whyUnsupported(slicer.app))
+
+from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
+from MiMSlicerLib.session import FILE_CHOICE, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",

@@ -133,6 +133,31 @@ def test_importing_the_module_installs_and_imports_nothing_heavy():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+@pytest.mark.parametrize("version, refused", [((5, 8), True), ((5, 6), True), ((5, 10), False), ((6, 0), False)])
+def test_slicer_before_5_10_is_refused_at_load_in_one_line(version, refused):
+    """MiMSlicer.py loaded by a Slicer of `version` (fresh interpreter): before 5.10 (Python 3.9) it stops at once with
+    one line naming the version needed; from 5.10 it loads."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]];"
+            "import slicer_test_env; slicer = slicer_test_env.install();"
+            f"slicer.app.majorVersion, slicer.app.minorVersion = {version};"
+            "exec('try:\\n import MiMSlicer\\n print(\\'loaded\\')\\nexcept ImportError as e:\\n print(e)')")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "Testing" / "slicer"), str(REPO / "MiMSlicer")],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))  # not Testing/: see conftest
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 1, done.stderr[-2000:]
+    if refused:
+        assert lines[0].startswith("MiM Slicer needs 3D Slicer 5.10 or newer") and f"Slicer {version[0]}.{version[1]} " in lines[0]
+    else:
+        assert lines[0] == "loaded"
+
+
+def test_what_an_old_slicer_reads_first_is_python_3_9():
+    """Slicer 5.6/5.8 (Python 3.9) must get as far as the version check: the module file and the check parse as 3.9."""
+    import ast
+    for path in (REPO / "MiMSlicer" / "MiMSlicer.py", REPO / "MiMSlicer" / "MiMSlicerLib" / "compatibility.py"):
+        ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+
+
 # -- extension build files -------------------------------------------------------------------------------------
 def test_cmake_lists_every_script_and_resource():
     moduleCMake = (REPO / "MiMSlicer" / "CMakeLists.txt").read_text().replace("${MODULE_NAME}", "MiMSlicer")
