@@ -22,7 +22,7 @@ if compatibility.whyUnsupported(slicer.app):
     raise ImportError(compatibility.whyUnsupported(slicer.app))
 
 from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
-from MiMSlicerLib.session import FILE_CHOICE, Session  # noqa: E402
+from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",
@@ -48,7 +48,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)  # before the base __init__, which calls setup() when parent is None
         self.logic, self._parameterNode, self._updating = None, None, False
         self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
-        self._logLinesShown = 0
+        self._logLinesShown, self._packagesProblem = 0, ""
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
@@ -68,6 +68,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
+        self.checkPackages()
         self.setParameterNode(self.logic.getParameterNode())
         self.refreshCases()
 
@@ -100,6 +101,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.stop()
 
     def enter(self):
+        self.checkPackages()
         self.setParameterNode(self.logic.getParameterNode())
 
     def onSceneStartClose(self, caller, event):
@@ -179,9 +181,11 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         reasons = {ui.reconstructButton: modelChoice.whyNotReconstruct(volume, model),
                    ui.segmentButton: modelChoice.whyNotSegment(volume, model),
                    ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text)}
+        busyText = ("The engine packages are being installed." if self.logic.installing
+                    else "Another job is running.")
         for button, reason in reasons.items():
             button.enabled = not busy and not reason
-            button.toolTip = "Another job is running." if busy else reason
+            button.toolTip = busyText if busy else reason
         ui.segmentButton.text = f"Segment {volume.GetName()}" if volume else "Segment"
         if volume is None or volume.GetID() != self._segmentedVolumeID:
             ui.segmentResultLabel.text = ""
@@ -190,13 +194,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.downloadButton.visible = model.needsDownload
         ui.downloadButton.enabled = not busy
         ui.startFromLabel.text = model.startFromText()
-        ui.cancelButton.enabled = busy
+        ui.cancelButton.enabled = self.logic.jobRunning
         for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector):
             widget.enabled = not busy
         ui.checkpointPathLineEdit.enabled = not busy and model.isFile
         text, kind = self._jobStatus
-        if not text:  # nothing to report: say what to do next
-            text, kind = next((r for r in reasons.values() if r), ""), "hint"
+        if not text:  # nothing to report: say what to do next, packages first
+            text, kind = next((r for r in [self._packagesProblem, *reasons.values()] if r), ""), "hint"
         ui.statusLabel.text = panelText.status(text, kind)
 
     def setJobStatus(self, text, kind="info"):
@@ -292,15 +296,18 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runTask(lambda: self.logic.startDownload(model.entry))
 
     def runTask(self, startTask):
-        self.ui.logTextEdit.plainText = ""
-        self._logLinesShown = 0
-        self.ui.progressBar.value = 0
         try:
             task = startTask()
+        except JobRefused as err:  # busy, or packages missing: the message says what to do
+            self.setJobStatus(str(err), "warning")
+            return None
         except Exception as err:
             logging.exception("MiMSlicer: the job did not start")
             self.setJobStatus(str(err), "error")
             return None
+        self.ui.logTextEdit.plainText = ""
+        self._logLinesShown = 0
+        self.ui.progressBar.value = 0
         self.ui.progressLabel.text = task.message
         self.setJobStatus(task.message, "info")
         self.timer.start()
@@ -337,19 +344,46 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setJobStatus(task.message, kind)
 
     def onCancel(self):
-        if self.logic is not None and self.logic.busy:
+        if self.logic is not None and self.logic.jobRunning:
             self.logic.cancel()
             self.onPoll()
 
+    def checkPackages(self):
+        """What the engine lacks in Slicer's Python (shown first in the status line, until it is installed)."""
+        self._packagesProblem = (self.logic.dependencies.whyEngineCannotRun()
+                                 if paths.engineRunsInSlicerPython() else "")
+
     def onDependencies(self):
+        if self.logic.busy:
+            return
         if not self.logic.dependencies.check():
+            self.checkPackages()
             self.setJobStatus("All engine packages are installed.", "done")
             return
+        waitCursor = []
+
+        def confirmThenShowBusy(question):
+            """After a yes, the panel shows the busy state before pip starts (it keeps the GUI alive meanwhile)."""
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return False
+            self.setJobStatus("Installing the engine packages… this can take several minutes; the other buttons "
+                              "wait until it ends.", "info")
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            waitCursor.append(True)
+            slicer.app.processEvents()
+            return True
+
         try:
-            result = self.logic.dependencies.install(confirm=slicer.util.confirmOkCancelDisplay)
-            self.setJobStatus(result.message, "warning" if result.declined else "done")
+            result = self.logic.installDependencies(confirm=confirmThenShowBusy)
+            self._jobStatus = (result.message, "warning" if result.declined else "done")
         except Exception as err:
-            self.setJobStatus(f"Installing the engine packages failed: {err}", "error")
+            logging.exception("MiMSlicer: installing the engine packages failed")
+            self._jobStatus = (f"Installing the engine packages failed: {err}", "error")
+        finally:
+            if waitCursor:
+                qt.QApplication.restoreOverrideCursor()
+        self.checkPackages()
+        self.updateButtons()
 
     # -- reconstruction browser ------------------------------------------------------------------------------
     def _layerRadios(self):

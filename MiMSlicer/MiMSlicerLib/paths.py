@@ -48,6 +48,11 @@ def enginePython():
     return sys.executable
 
 
+def engineRunsInSlicerPython():
+    """True unless MIMSLICER_PYTHON points the engine to another Python (whose packages are not Slicer's)."""
+    return not os.environ.get("MIMSLICER_PYTHON")
+
+
 def userDataDir():
     """Per-user folder for the model catalogue and fine-tuned models (created on demand)."""
     path = os.environ.get("MIMSLICER_HOME")

@@ -4,11 +4,15 @@ import time
 
 import slicer
 
-from . import finetuneDataset, modelChoice, tasks
+from . import finetuneDataset, modelChoice, paths, tasks
 from .catalogue import ModelCatalogue
 from .dependencies import Dependencies
 
 FILE_CHOICE = "file"
+
+
+class JobRefused(RuntimeError):
+    """A job was not started: another one runs, packages are being installed, or the engine lacks packages."""
 
 
 class Session:
@@ -17,6 +21,7 @@ class Session:
         self.dependencies = Dependencies()
         self.task = None
         self.reconstruction = None
+        self.installing = False
 
     # -- models and cases ------------------------------------------------------------------------------------
     def catalogueEntries(self):
@@ -52,8 +57,24 @@ class Session:
 
     # -- jobs ------------------------------------------------------------------------------------------------
     @property
-    def busy(self):
+    def jobRunning(self):
         return self.task is not None and self.task.running
+
+    @property
+    def busy(self):
+        """A job runs, or packages are being installed: nothing else may start."""
+        return self.jobRunning or self.installing
+
+    def installDependencies(self, confirm):
+        """Install the missing engine packages (asks through `confirm` first); busy meanwhile, since Slicer's
+        pip_install keeps the GUI alive while it runs, so the panel's buttons could be clicked."""
+        if self.busy:
+            raise JobRefused(self._busyMessage())
+        self.installing = True
+        try:
+            return self.dependencies.install(confirm)
+        finally:
+            self.installing = False
 
     def startDownload(self, entry):
         return self._start(tasks.DownloadTask(slicer.mrmlScene, entry["url"], self.catalogue.localFile(entry),
@@ -73,13 +94,22 @@ class Session:
 
     def _start(self, task):
         if self.busy:
-            raise RuntimeError("Another MiMSlicer job is running; wait for it or cancel it.")
+            raise JobRefused(self._busyMessage())
+        if task.usesEngine and paths.engineRunsInSlicerPython():
+            problem = self.dependencies.whyEngineCannotRun()
+            if problem:
+                raise JobRefused(problem)
         self.task = task
         return task.start()
 
+    def _busyMessage(self):
+        if self.installing:
+            return "The engine packages are being installed; wait until that ends."
+        return "Another MiMSlicer job is running; wait for it or cancel it."
+
     def poll(self):
         """New events of the current job (the widget calls this from its QTimer)."""
-        if not self.busy:
+        if not self.jobRunning:
             return []
         events = self.task.poll()
         if self.task.state == tasks.DONE and isinstance(self.task, tasks.ReconstructTask):
@@ -89,7 +119,7 @@ class Session:
     def wait(self, timeout=None):
         """Run the current job to its end (scripts and tests), with the same effects as polling it from the GUI."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy:
+        while self.jobRunning:
             self.poll()
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
@@ -98,7 +128,7 @@ class Session:
         return self.task
 
     def cancel(self):
-        if self.busy:
+        if self.jobRunning:
             self.task.cancel()
 
     def showReconstructionView(self, level, viewIndex, layer="reconstruction"):

@@ -24,6 +24,7 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 class Task(abc.ABC):
     kind = "job"
     title = "Engine job"
+    usesEngine = True  # runs `python -m engine`: needs the engine's packages
 
     def __init__(self, scene, device="auto"):
         self.scene = scene
@@ -331,6 +332,7 @@ class DownloadTask(Task):
     has one). The partial file lives in the job's temporary folder, so Cancel leaves nothing behind."""
     kind = "download"
     title = "Model download"
+    usesEngine = False  # the Python standard library only
 
     def __init__(self, scene, url, target, sha256=""):
         super().__init__(scene)

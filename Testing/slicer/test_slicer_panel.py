@@ -8,6 +8,7 @@ try:
 except ImportError:
     pass
 
+from mimslicer_testing import loadVolume
 from slicer_test_env._mrml_widgets import ctkPathLineEdit
 
 
@@ -43,3 +44,92 @@ def test_exceptions_in_slots_and_observers_are_caught(failOnCallbackExceptions):
     assert [e.strip().splitlines()[-1].split(":")[0] for e in failOnCallbackExceptions] == ["ZeroDivisionError",
                                                                                              "KeyError"]
     failOnCallbackExceptions.clear()  # seen: this test passes
+
+
+# -- engine packages: checked before every job, installed with the panel busy --------------------------------------
+def plain(label):
+    """What a rich-text label shows, as plain text."""
+    return qt.QTextDocumentFragment.fromHtml(label.text).toPlainText()
+
+
+def newWidget():
+    from MiMSlicer import MiMSlicerWidget
+    widget = MiMSlicerWidget()  # no parent: makes its own qMRMLWidget and calls setup(), as Slicer does
+    qt.QApplication.processEvents()
+    return widget
+
+
+def pretrainedFile(tmp_path):
+    """A file the panel takes for a MiM pre-training checkpoint (its run folder's config.yaml says so)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("method: mim\npreset: tiny\n")
+    path = tmp_path / "run" / "checkpoint.pt"
+    path.write_bytes(b"not read by these tests")
+    return str(path)
+
+
+def readyToReconstruct(widget, volume, tmp_path):
+    widget.ui.inputVolumeSelector.setCurrentNode(volume)
+    widget.ui.checkpointPathLineEdit.currentPath = pretrainedFile(tmp_path)
+    assert widget.ui.reconstructButton.enabled, widget.ui.reconstructButton.toolTip
+
+
+def test_a_job_without_the_engine_packages_says_what_is_missing(jobsFolder, scene, smallCt, tmp_path):
+    """On a fresh Slicer the first job used to fail with "No module named 'torch'": now the panel says what is
+    missing and where to install it, and nothing starts."""
+    from MiMSlicerLib import dependencies
+    volume = loadVolume(smallCt)
+    widget = newWidget()
+    widget.logic.dependencies = dependencies.Dependencies({"torch": ">=2.5", "definitely-not-installed-pkg": ">=1"},
+                                                          versionOf={"torch": "2.2.1"}.get)
+    widget.checkPackages()
+    readyToReconstruct(widget, volume, tmp_path)
+    status = plain(widget.ui.statusLabel)
+    assert "PyTorch 2.2.1 (needs >=2.5)" in status and "definitely-not-installed-pkg" in status
+    assert "'Check engine packages'" in status
+    widget.ui.reconstructButton.click()
+    assert widget.logic.task is None and not widget.timer.active
+    assert "definitely-not-installed-pkg" in widget.ui.statusLabel.text and "#9a6700" in widget.ui.statusLabel.text
+    widget.cleanup()
+
+
+def test_installing_shows_busy_and_no_button_starts_anything_meanwhile(jobsFolder, scene, smallCt, tmp_path):
+    """Slicer's pip_install keeps the GUI alive while pip runs (it processes events for every line pip prints), so
+    clicks reach the panel: every job button is disabled, and a job or a second install started another way is
+    refused."""
+    import slicer
+    from MiMSlicerLib import dependencies
+    volume = loadVolume(smallCt)
+    widget = newWidget()
+    ui, installed, during = widget.ui, {}, {}
+
+    def pip(args):
+        qt.QApplication.processEvents()  # as slicer.util.pip_install does
+        during["enabled"] = [b.enabled for b in (ui.reconstructButton, ui.segmentButton, ui.finetuneButton,
+                                                 ui.dependenciesButton, ui.downloadButton, ui.cancelButton)]
+        during["status"] = ui.statusLabel.text
+        during["cursor"] = qt.QApplication.overrideCursor() is not None
+        ui.reconstructButton.click()  # disabled: nothing
+        widget.onReconstruct()  # a slot called all the same: refused
+        during["refused"] = ui.statusLabel.text
+        widget.onDependencies()  # a second install: refused
+        installed["definitely-not-installed-pkg"] = "1.0"
+
+    widget.logic.dependencies = dependencies.Dependencies({"definitely-not-installed-pkg": ">=1"}, pipInstall=pip,
+                                                          versionOf=installed.get, installedPins=lambda: [])
+    widget.checkPackages()
+    readyToReconstruct(widget, volume, tmp_path)
+    slicer.util.confirmAnswer = True
+    try:
+        ui.dependenciesButton.click()
+    finally:
+        slicer.util.confirmAnswer = False
+    assert len(slicer.util.confirmations) == 1  # asked once, never re-entered
+    assert during["enabled"] == [False] * 6 and during["cursor"]
+    assert "Installing the engine packages" in during["status"]
+    assert "being installed" in during["refused"] and widget.logic.task is None
+    assert "Installed definitely-not-installed-pkg" in ui.statusLabel.text
+    assert ui.reconstructButton.enabled and ui.dependenciesButton.enabled and not widget.logic.busy
+    assert qt.QApplication.overrideCursor() is None
+    widget.cleanup()
+
