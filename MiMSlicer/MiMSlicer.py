@@ -48,7 +48,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)  # before the base __init__, which calls setup() when parent is None
         self.logic, self._parameterNode, self._updating = None, None, False
         self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
-        self._logLinesShown, self._packagesProblem = 0, ""
+        self._logLinesShown, self._packagesProblem, self._checkpointShown = 0, "", ""
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
@@ -82,6 +82,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spin.valueChanged.connect(self.onGUIChanged)
         ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
+        ui.checkpointPathLineEdit.validInputChanged.connect(self.onCheckpointValidInputChanged)
         ui.reconstructButton.clicked.connect(self.onReconstruct)
         ui.segmentButton.clicked.connect(self.onSegment)
         ui.finetuneButton.clicked.connect(self.onFinetune)
@@ -133,15 +134,19 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or self._updating:
             return
         self._updating = True
-        try:
-            ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
-            ui.modelComboBox.currentIndex = max(ui.modelComboBox.findData(node.GetParameter("Model")), 0)
-            ui.checkpointPathLineEdit.currentPath = node.GetParameter("Checkpoint")
-            ui.deviceComboBox.currentIndex = DEVICES.index(node.GetParameter("Device") or "auto")
-            ui.seedSpinBox.value = int(node.GetParameter("Seed") or 0)
-            ui.stepsSpinBox.value = int(node.GetParameter("Steps") or 200)
-            ui.presetComboBox.currentIndex = max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0)
-            ui.modelNameLineEdit.text = node.GetParameter("ModelName")
+        try:  # a widget is written only when its value differs: rewriting a line edit would move its cursor
+            volume = node.GetNodeReference("InputVolume")
+            if ui.inputVolumeSelector.currentNodeID != (volume.GetID() if volume else ""):
+                ui.inputVolumeSelector.setCurrentNode(volume)
+            _show(ui.modelComboBox, "currentIndex", max(ui.modelComboBox.findData(node.GetParameter("Model")), 0))
+            if node.GetParameter("Checkpoint") != self._checkpointShown:
+                self._checkpointShown = node.GetParameter("Checkpoint")
+                ui.checkpointPathLineEdit.currentPath = self._checkpointShown
+            _show(ui.deviceComboBox, "currentIndex", DEVICES.index(node.GetParameter("Device") or "auto"))
+            _show(ui.seedSpinBox, "value", int(node.GetParameter("Seed") or 0))
+            _show(ui.stepsSpinBox, "value", int(node.GetParameter("Steps") or 200))
+            _show(ui.presetComboBox, "currentIndex", max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0))
+            _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
         finally:
             self._updating = False
         self.updateButtons()
@@ -165,12 +170,20 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onCheckpointPathChanged(self, path):
+        """ctkPathLineEdit emits this only for text its name filters accept (a checkpoint's name), never for ''."""
         if self._parameterNode is None or self._updating:
             return
-        self._parameterNode.SetParameter("Checkpoint", path or "")
-        if path:
-            self._parameterNode.SetParameter("Model", FILE_CHOICE)
+        self._checkpointShown = path
+        self._parameterNode.SetParameter("Checkpoint", path)
+        self._parameterNode.SetParameter("Model", FILE_CHOICE)
         self.logic.matchPresetToModel(self._parameterNode)
+
+    def onCheckpointValidInputChanged(self, valid):
+        """The field no longer holds a checkpoint's name (cleared, or half typed): no checkpoint is chosen."""
+        if valid or self._parameterNode is None or self._updating:
+            return
+        self._checkpointShown = ""
+        self._parameterNode.SetParameter("Checkpoint", "")
 
     def updateButtons(self):
         ui, node = self.ui, self._parameterNode
@@ -425,6 +438,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         layer = next(name for name, radio in self._layerRadios().items() if radio.checked)
         self.logic.showReconstructionView(combo.itemData(combo.currentIndex), views.currentRow, layer)
+
+
+def _show(widget, name, value):
+    """Set a widget's property only when it differs (writing the same text again moves a line edit's cursor)."""
+    if getattr(widget, name) != value:
+        setattr(widget, name, value)
 
 
 class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):

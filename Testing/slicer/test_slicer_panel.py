@@ -133,3 +133,40 @@ def test_installing_shows_busy_and_no_button_starts_anything_meanwhile(jobsFolde
     assert qt.QApplication.overrideCursor() is None
     widget.cleanup()
 
+
+# -- typing: the parameter node never rewrites what is being typed --------------------------------------------------
+def test_typing_in_the_middle_of_the_model_name_keeps_the_cursor(scene):
+    widget = newWidget()
+    line = widget.ui.modelNameLineEdit
+    QTest.keyClicks(line, "heart aorta")
+    line.cursorPosition = 5
+    QTest.keyClicks(line, "s")
+    assert line.text == "hearts aorta" and line.cursorPosition == 6
+    assert widget.logic.getParameterNode().GetParameter("ModelName") == "hearts aorta"
+    widget.cleanup()
+
+
+def test_checkpoint_field_follows_what_is_typed(scene, tmp_path):
+    """The real ctkPathLineEdit reports only names its filter accepts: a half-typed or cleared field means no
+    checkpoint (it used to keep the old one), a .ckpt file can be chosen, and nothing typed is overwritten."""
+    widget = newWidget()
+    parameters, ui = widget.logic.getParameterNode(), widget.ui
+    line = ui.checkpointPathLineEdit.comboBox().lineEdit()
+    checkpoint = pretrainedFile(tmp_path)
+    QTest.keyClicks(line, checkpoint)
+    assert parameters.GetParameter("Checkpoint") == checkpoint and ui.modelComboBox.currentText == "Checkpoint file (below)"
+    assert "MiM pre-training checkpoint" in ui.modelInfoLabel.text
+    QTest.keyClick(line, qt.Qt.Key_Backspace)
+    QTest.keyClick(line, qt.Qt.Key_Backspace)  # '...checkpoint.' is no checkpoint's name
+    assert line.text == checkpoint[:-2] and parameters.GetParameter("Checkpoint") == ""
+    line.selectAll()
+    QTest.keyClick(line, qt.Qt.Key_Delete)
+    assert line.text == "" and parameters.GetParameter("Checkpoint") == ""
+    assert ui.modelInfoLabel.text == "Choose a catalogue model, or a checkpoint file below."
+    lightning = tmp_path / "run" / "last.ckpt"
+    lightning.write_bytes(b"x")
+    QTest.keyClicks(line, str(lightning))
+    assert parameters.GetParameter("Checkpoint") == str(lightning) and line.text == str(lightning)
+    parameters.SetParameter("Checkpoint", checkpoint)  # a scene or script sets it: the field shows it
+    assert line.text == checkpoint
+    widget.cleanup()
