@@ -25,6 +25,7 @@ from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks  
 from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
+CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",
             "ModelName": ""}
 
@@ -49,6 +50,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic, self._parameterNode, self._updating = None, None, False
         self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
         self._logLinesShown, self._packagesProblem, self._checkpointShown = 0, "", ""
+        self._caseTicks, self._segmentations, self._armed, self._edited = {}, {}, set(), set()
+        self._casesDirty = False
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
@@ -62,9 +65,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.interval = 200
         self.timer.timeout.connect(self.onPoll)
+        self._casesTimer = qt.QTimer()
+        self._casesTimer.singleShot = True
+        self._casesTimer.interval = CASES_REFRESH_MS
+        self._casesTimer.timeout.connect(self.onCasesTimer)
         self._connectWidgets()
-        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
-            self.addObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
@@ -90,7 +97,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.dependenciesButton.clicked.connect(self.onDependencies)
         ui.downloadButton.clicked.connect(self.onDownload)
         ui.addCaseButton.clicked.connect(self.onAddCase)
-        ui.casesListWidget.itemChanged.connect(self.onCasesChanged)
+        ui.casesListWidget.itemChanged.connect(self.onCaseTicked)
+        ui.finetuneCollapsibleButton.contentsCollapsed.connect(self.onFinetuneCollapsed)
         ui.levelComboBox.currentIndexChanged.connect(self.onLevelChanged)
         ui.viewListWidget.currentRowChanged.connect(self.onViewChanged)
         for radio in self._layerRadios().values():
@@ -100,10 +108,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
         self.logic.cancel()
         self.timer.stop()
+        self._casesTimer.stop()
 
     def enter(self):
         self.checkPackages()
         self.setParameterNode(self.logic.getParameterNode())
+        self.refreshCases()  # what changed in the scene while another module was shown
 
     def onSceneStartClose(self, caller, event):
         self.onCancel()
@@ -111,12 +121,71 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        self._manualCases = []
+        self._manualCases, self._caseTicks, self._armed, self._edited = [], {}, set(), set()
         self.setParameterNode(self.logic.getParameterNode())
         self.showReconstruction(None)
 
     def onSceneNodesChanged(self, caller, event):
         if not self._updating and not self.logic.busy:
+            self.scheduleCasesRefresh()
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeAdded(self, caller, event, node):
+        """Segment Editor adds a segmentation before it sets its CT, and painting adds no node: so each
+        segmentation is observed from the moment it is added."""
+        if isinstance(node, slicer.vtkMRMLSegmentationNode):
+            self._observeSegmentation(node)
+        self.onSceneNodesChanged(caller, event)
+
+    def _segmentationObservers(self):
+        """(event, method) pairs: VTK hands a Python observer no usable id for these custom events, so each kind has
+        its own method."""
+        return ([(e, self.onSegmentationReferenceChanged) for e in finetuneDataset.CASE_EVENTS] +
+                [(e, self.onSegmentationEdited) for e in finetuneDataset.EDIT_EVENTS])
+
+    def _observeSegmentation(self, node):
+        self._segmentations[node.GetID()] = node
+        for event, method in self._segmentationObservers():
+            if not self.hasObserver(node, event, method):
+                self.addObserver(node, event, method)
+
+    def _forgetRemovedSegmentations(self):
+        for nodeID, node in list(self._segmentations.items()):
+            if not slicer.mrmlScene.IsNodePresent(node):
+                for event, method in self._segmentationObservers():
+                    self.removeObserver(node, event, method)
+                del self._segmentations[nodeID]
+                self._armed.discard(nodeID)
+
+    def onSegmentationReferenceChanged(self, node, event):
+        if not self.logic.busy:
+            self.scheduleCasesRefresh()
+
+    def onSegmentationEdited(self, node, event):
+        """An edit (segment added, renamed, removed or painted) marks its case as the user's: it gets ticked, unless
+        the user has set its tick. Edits made before the node was armed (loading it, a model writing it) are not
+        the user's: a node is armed when the events of its creation have been handled."""
+        if self.logic.busy:
+            return
+        if node.GetID() in self._armed:
+            self._edited.add(node.GetID())
+        self.scheduleCasesRefresh()
+
+    def scheduleCasesRefresh(self):
+        self._casesDirty = True
+        self._casesTimer.start()
+
+    def onCasesTimer(self):
+        self._armed.update(self._segmentations)
+        if self._casesNeeded():
+            self.refreshCases()
+
+    def _casesNeeded(self):
+        """The case list (and the labelmap scan behind its label plan) is only rebuilt while someone can see it."""
+        return self._casesDirty and self.parent.visible and not self.ui.finetuneCollapsibleButton.collapsed
+
+    def onFinetuneCollapsed(self, collapsed):
+        if not collapsed and self._casesNeeded():
             self.refreshCases()
 
     # -- parameter node <-> GUI ------------------------------------------------------------------------------
@@ -239,9 +308,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def refreshCases(self):
+        """One line per case: its CT, segmentation and labels. Nothing is ticked unless the user ticked it, added it
+        by hand, or edited its segmentation while the module watched."""
+        self._casesDirty = False
+        for node in _nodesByClass("vtkMRMLSegmentationNode"):
+            self._observeSegmentation(node)
+        self._forgetRemovedSegmentations()
         listWidget = self.ui.casesListWidget
-        previous = {listWidget.item(i).data(qt.Qt.UserRole): listWidget.item(i).checkState() == qt.Qt.Checked
-                    for i in range(listWidget.count)}
         listWidget.blockSignals(True)
         listWidget.clear()
         for case in self.logic.labelledCases(self._manualCases):
@@ -250,11 +323,15 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setToolTip(f"CT: {case.volumeNode.GetName()}\nSegmentation: {case.segmentationNode.GetName()}" +
                             ("\nMade by a model: correct it before training on it." if case.isModelOutput else ""))
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-            checked = previous.get(case.key, not case.isModelOutput)
+            checked = self._caseTicks.get(case.key, case.segmentationNode.GetID() in self._edited)
             item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
             item.setData(qt.Qt.UserRole, case.key)
             listWidget.addItem(item)
         listWidget.blockSignals(False)
+        self.onCasesChanged()
+
+    def onCaseTicked(self, item):
+        self._caseTicks[item.data(qt.Qt.UserRole)] = item.checkState() == qt.Qt.Checked
         self.onCasesChanged()
 
     def checkedCases(self):
@@ -281,6 +358,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setJobStatus("To add a case by hand, choose its CT volume and its segmentation first.", "hint")
             return
         self._manualCases.append((volume.GetID(), segmentation.GetID()))
+        self._caseTicks[f"{volume.GetID()}|{segmentation.GetID()}"] = True
         self.refreshCases()
 
     # -- jobs ------------------------------------------------------------------------------------------------
@@ -438,6 +516,11 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         layer = next(name for name, radio in self._layerRadios().items() if radio.checked)
         self.logic.showReconstructionView(combo.itemData(combo.currentIndex), views.currentRow, layer)
+
+
+def _nodesByClass(className):
+    scene = slicer.mrmlScene
+    return [scene.GetNthNodeByClass(i, className) for i in range(scene.GetNumberOfNodesByClass(className))]
 
 
 def _show(widget, name, value):

@@ -9,6 +9,7 @@ import tempfile
 import time
 
 import numpy as np
+import qt
 import slicer
 
 from . import dependencies, finetuneDataset, jobs, paths, tasks
@@ -132,6 +133,9 @@ def testFinetuneAndSegmentInLayout(test, checkpoint):
     labelledCase("Case A", 0)
     caseB, _ = labelledCase("Case B", 4)
     widget.refreshCases()
+    test.assertEqual(widget.ui.casesListWidget.count, 2)  # offered, not ticked: made by a script, not drawn here
+    for row in range(2):
+        widget.ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     test.assertEqual(len(widget.checkedCases()), 2)
     widget.ui.checkpointPathLineEdit.currentPath = checkpoint
     widget.ui.stepsSpinBox.value = 2

@@ -170,3 +170,77 @@ def test_checkpoint_field_follows_what_is_typed(scene, tmp_path):
     parameters.SetParameter("Checkpoint", checkpoint)  # a scene or script sets it: the field shows it
     assert line.text == checkpoint
     widget.cleanup()
+
+
+# -- fine-tune cases: follow Segment Editor, nothing ticked that the user did not choose or draw ---------------------
+def caseRows(widget):
+    rows = widget.ui.casesListWidget
+    return [(rows.item(i).text(), rows.item(i).checkState() == qt.Qt.Checked) for i in range(rows.count)]
+
+
+def settle():
+    """Let the panel's gathered refresh run, as Slicer's event loop would."""
+    from MiMSlicer import CASES_REFRESH_MS
+    QTest.qWait(CASES_REFRESH_MS + 150)
+
+
+def test_case_list_follows_segment_editor_and_ticks_only_what_the_user_drew(scene, smallCt, chestCases):
+    """Segment Editor adds a segmentation before it sets the CT, and painting adds no node: the list follows both.
+    A segmentation loaded from a file is offered unticked; one drawn here is ticked; the user's own tick wins."""
+    import numpy as np
+    import slicer
+    from mimslicer_testing import loadLabelsAsSegmentation
+    volume = loadVolume(smallCt, "CT")
+    widget = newWidget()
+    assert caseRows(widget) == []
+
+    drawn = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")  # Segment Editor: a new segmentation ...
+    drawn.CreateDefaultDisplayNodes()
+    settle()
+    assert caseRows(widget) == []  # ... no CT yet: no case
+    drawn.SetReferenceImageGeometryParameterFromVolumeNode(volume)  # ... then the source volume
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (no segments)", False)]
+    segmentID = drawn.GetSegmentation().AddEmptySegment("", "Segment_1")  # 'Add', then paint
+    mask = np.zeros(slicer.util.arrayFromVolume(volume).shape, np.uint8)
+    mask[10:20, 10:20, 10:20] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask, drawn, segmentID, volume)
+    drawn.GetSegmentation().GetSegment(segmentID).SetName("heart")  # renamed
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (heart)", True)]
+    assert "heart = 1" in widget.ui.labelPlanLabel.text
+
+    other = loadVolume(chestCases[0][0], "Chest")  # Add Data of a CT and its segmentation file
+    loadLabelsAsSegmentation(other, chestCases[0][1], {"heart": 1, "aorta": 2})
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (heart)", True), ("Chest + Chest labels (heart, aorta)", False)]
+    widget.ui.casesListWidget.item(0).setCheckState(qt.Qt.Unchecked)  # the user's choice ...
+    drawn.GetSegmentation().AddEmptySegment("", "aorta")
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (heart, aorta)", False),  # ... is kept through later edits
+                                ("Chest + Chest labels (heart, aorta)", False)]
+    widget.cleanup()
+
+
+def test_hidden_panel_does_not_rebuild_the_list_and_enter_catches_up(scene, smallCt):
+    """While another module is shown (or Fine-tune is collapsed) edits only mark the list stale; enter() or expanding
+    the section rebuilds it (enter() used to leave it stale)."""
+    volume = loadVolume(smallCt, "CT")
+    widget = newWidget()
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Drawn")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    settle()
+    widget.parent.hide()  # another module is shown
+    segmentation.GetSegmentation().AddEmptySegment("", "liver")
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (no segments)", False)]
+    widget.parent.show()
+    widget.enter()
+    assert caseRows(widget) == [("CT + Drawn (liver)", True)]
+    widget.ui.finetuneCollapsibleButton.collapsed = True
+    segmentation.GetSegmentation().AddEmptySegment("", "spleen")
+    settle()
+    assert caseRows(widget) == [("CT + Drawn (liver)", True)]
+    widget.ui.finetuneCollapsibleButton.collapsed = False
+    assert caseRows(widget) == [("CT + Drawn (liver, spleen)", True)]
+    widget.cleanup()

@@ -99,8 +99,10 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     assert imageHasContent(shot(widget, tmp_path, "panel_1_explore"))
     renderSliceView(scene, "Red", tmp_path / "panel_1_explore_red_slice.png")
 
-    # 4 · Fine-tune on the two labelled cases found in the scene
-    assert ui.casesListWidget.count == 2
+    # 4 · Fine-tune on the two labelled cases found in the scene: offered, not ticked until the user ticks them
+    assert ui.casesListWidget.count == 2 and not widget.checkedCases() and not ui.labelPlanLabel.text
+    for row in range(2):
+        ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     assert "heart = 1" in ui.labelPlanLabel.text and "aorta = 2" in ui.labelPlanLabel.text
     assert ui.modelNameLineEdit.text == "heart + aorta"
     assert ui.startFromLabel.text == "checkpoint.pt"
