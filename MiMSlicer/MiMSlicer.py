@@ -96,6 +96,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.cancelButton.clicked.connect(self.onCancel)
         ui.dependenciesButton.clicked.connect(self.onDependencies)
         ui.downloadButton.clicked.connect(self.onDownload)
+        ui.clearReconstructionsButton.clicked.connect(self.onClearReconstructions)
         ui.addCaseButton.clicked.connect(self.onAddCase)
         ui.casesListWidget.itemChanged.connect(self.onCaseTicked)
         ui.finetuneCollapsibleButton.contentsCollapsed.connect(self.onFinetuneCollapsed)
@@ -277,7 +278,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.downloadButton.enabled = not busy
         ui.startFromLabel.text = model.startFromText()
         ui.cancelButton.enabled = self.logic.jobRunning
-        for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector):
+        for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector,
+                       ui.clearReconstructionsButton):
             widget.enabled = not busy
         ui.checkpointPathLineEdit.enabled = not busy and model.isFile
         text, kind = self._jobStatus
@@ -496,6 +498,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if result:
             combo.currentIndex = 0
             self.onLevelChanged()
+
+    def onClearReconstructions(self):
+        if self.logic.busy:
+            return
+        removed = self.logic.removeEarlierReconstructions()
+        self.setJobStatus(f"Removed {removed} earlier reconstruction run(s)." if removed
+                          else "There is no earlier reconstruction run in the scene.", "done" if removed else "info")
 
     def onLevelChanged(self, *_):
         result, combo = self.logic.reconstruction, self.ui.levelComboBox

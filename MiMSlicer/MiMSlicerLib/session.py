@@ -4,7 +4,7 @@ import time
 
 import slicer
 
-from . import finetuneDataset, modelChoice, paths, tasks
+from . import finetuneDataset, modelChoice, paths, reconstruction, tasks
 from .catalogue import ModelCatalogue
 from .dependencies import Dependencies
 
@@ -130,6 +130,10 @@ class Session:
     def cancel(self):
         if self.jobRunning:
             self.task.cancel()
+
+    def removeEarlierReconstructions(self):
+        """Delete every reconstruction run in the scene but the one shown; returns how many were deleted."""
+        return reconstruction.removeRuns(slicer.mrmlScene, keep=self.reconstruction)
 
     def showReconstructionView(self, level, viewIndex, layer="reconstruction"):
         if self.reconstruction is None:

@@ -80,11 +80,13 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     target = (low + high) / 2 + [15.0, -10.0, 5.0]
     crosshair.SetCrosshairRAS(*target)
     ui.centerOnCrosshairCheckBox.checked = True
+    volumesListed = ui.inputVolumeSelector.count
     ui.reconstructButton.click()
     assert logic.busy and ui.cancelButton.enabled and not ui.reconstructButton.enabled
     waitUntil(lambda: not logic.busy and not widget.timer.active)
     assert "Reconstruction loaded" in ui.statusLabel.text, ui.statusLabel.text
     assert ui.levelComboBox.count == 3 and ui.viewListWidget.count == 1
+    assert ui.inputVolumeSelector.count == volumesListed  # its ~30 volumes are hidden from node selectors
     coarse = logic.reconstruction.view(1, 0)
     assert np.allclose(coarse.center, target, atol=6.0), (coarse.center, target)  # within a voxel of the crop grid
     ui.levelComboBox.currentIndex = 2
