@@ -19,6 +19,9 @@ from .trainingPlot import TrainingPlot
 log = logging.getLogger("MiMSlicer")
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+# What a fine-tuned model keeps of its run folder: the model (weights, labels, grid: all that `engine infer` reads)
+# and config.yaml (a few lines: the settings it was trained with, and how the panel tells what a checkpoint is)
+MODEL_FILES = ("model.pt", "config.yaml")
 
 
 class Task(abc.ABC):
@@ -263,9 +266,10 @@ class FinetuneTask(Task):
         if not os.path.isfile(os.path.join(run, "model.pt")):
             raise RuntimeError("the engine did not write run/model.pt")
         modelID = self.catalogue.uniqueID(self.modelName)
-        destination = os.path.join(paths.userDataDir(), "models", modelID)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        shutil.move(run, destination)
+        destination = os.path.join(paths.modelsDir(), modelID)
+        os.makedirs(destination, exist_ok=True)
+        for name in MODEL_FILES:  # what segmenting needs; the training state (checkpoint.pt) and logs go
+            shutil.move(os.path.join(run, name), os.path.join(destination, name))
         entry = {"id": modelID, "name": self.modelName, "task": "segmentation", "labels": dict(self.plan.labels),
                  "spacing": _runSpacing(destination), "preset": self.preset,
                  "file": os.path.join(destination, "model.pt"), "pretrained": self.pretrainedLabel,

@@ -244,3 +244,22 @@ def test_hidden_panel_does_not_rebuild_the_list_and_enter_catches_up(scene, smal
     widget.ui.finetuneCollapsibleButton.collapsed = False
     assert caseRows(widget) == [("CT + Drawn (liver, spleen)", True)]
     widget.cleanup()
+
+
+# -- where models go, and what the desktop self-test may touch -----------------------------------------------------
+def test_models_live_in_the_home_folder_not_in_slicer_settings(monkeypatch, tmp_path):
+    """Slicer's settings folder is in the roaming profile on Windows: models (hundreds of MB) would be copied at
+    every log-in. The catalogue and the models go to ~/.mimslicer, or MIMSLICER_HOME."""
+    import slicer
+    from MiMSlicerLib import paths
+    monkeypatch.delenv("MIMSLICER_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setattr(slicer.app, "slicerHome", str(tmp_path / "Slicer"), raising=False)  # inside Slicer ...
+    monkeypatch.setattr(slicer.app, "slicerUserSettingsFilePath",  # ... whose settings roam
+                        str(tmp_path / "AppData" / "Roaming" / "slicer.org" / "Slicer.ini"), raising=False)
+    assert paths.userDataDir() == str(tmp_path / "user" / ".mimslicer")
+    assert paths.modelsDir() == str(tmp_path / "user" / ".mimslicer" / "models")
+    monkeypatch.setenv("MIMSLICER_HOME", str(tmp_path / "elsewhere"))
+    assert paths.modelsDir() == str(tmp_path / "elsewhere" / "models")
+
+
