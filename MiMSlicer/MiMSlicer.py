@@ -3,6 +3,8 @@
 Module, Widget, Logic and Test only; the work is in MiMSlicerLib (GUI-free). Every long job runs the bundled engine
 (`python -m engine ...`) as a subprocess read on a thread and polled by a QTimer, so Slicer never freezes."""
 import logging
+import os
+import tempfile
 
 import qt
 import slicer
@@ -576,11 +578,41 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
 
 class MiMSlicerTest(ScriptedLoadableModuleTest):
     """Desktop Slicer only (Reload and Test, or ctest through slicer_add_python_unittest): what the headless tests
-    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py."""
+    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py.
+
+    Everything it writes goes to a temporary folder: MIMSLICER_HOME and MIMSLICER_TEMP point there before any case
+    runs (Reload and Test makes the widget first; its catalogue reads MIMSLICER_HOME whenever it is used), and are
+    restored afterwards."""
+    FOLDERS = {"MIMSLICER_HOME": "home", "MIMSLICER_TEMP": "jobs"}
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
+        self._folder = tempfile.TemporaryDirectory(prefix="MiMSlicerTest-")
+        self._savedEnvironment = {name: os.environ.get(name) for name in self.FOLDERS}
+        for name, sub in self.FOLDERS.items():
+            os.environ[name] = os.path.join(self._folder.name, sub)
+            os.makedirs(os.environ[name])
+        self._refreshWidget()
 
-    def runTest(self):
+    def tearDown(self):
+        for name, value in self._savedEnvironment.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        self._folder.cleanup()
+        self._refreshWidget()
+
+    def runTest(self):  # Slicer calls runTest() alone: set up and tear down here
         from MiMSlicerLib import desktopTests
-        desktopTests.run(self)
+        self.setUp()
+        try:
+            desktopTests.run(self, self._folder.name)
+        finally:
+            self.tearDown()
+
+    @staticmethod
+    def _refreshWidget():
+        widget = getattr(slicer.modules, "MiMSlicerWidget", None)  # the panel, once Slicer has made it
+        if widget is not None:
+            widget.refreshModels()

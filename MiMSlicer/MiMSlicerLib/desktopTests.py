@@ -5,7 +5,6 @@ module's panel inside Slicer's main window, the engine run by PythonSlicer (Slic
 packages), slice views and plot views of the layout. A synthetic phantom CT keeps it offline; engine steps are
 skipped, with a message, when the engine packages are not installed (a test never installs anything)."""
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -15,32 +14,27 @@ import slicer
 from . import dependencies, finetuneDataset, jobs, paths, tasks
 
 
-def run(test):
-    """Entry point called by MiMSlicerTest.runTest()."""
+def run(test, folder):
+    """Entry point called by MiMSlicerTest.runTest(), which has already pointed MIMSLICER_HOME and MIMSLICER_TEMP
+    into `folder` (a temporary folder), so no test writes into the user's catalogue."""
     test.delayDisplay("MiMSlicer: widget from the .ui in Slicer")
     testWidget(test)
     missing = dependencies.Dependencies().check()
     if missing:
         test.delayDisplay("Engine packages missing, engine tests skipped: " + ", ".join(r.describe() for r in missing))
         return
-    with tempfile.TemporaryDirectory(prefix="MiMSlicerTest-") as folder:
-        os.environ["MIMSLICER_HOME"] = os.path.join(folder, "home")
-        os.environ["MIMSLICER_TEMP"] = os.path.join(folder, "jobs")
-        try:
-            checkpoint = pretrainTiny(test, folder)
-            testExploreInLayout(test, checkpoint)
-            testFinetuneAndSegmentInLayout(test, checkpoint)
-            testCancel(test, checkpoint)
-            test.assertEqual(os.listdir(os.environ["MIMSLICER_TEMP"]), [], "temporary job folders left behind")
-        finally:
-            os.environ.pop("MIMSLICER_HOME", None)
-            os.environ.pop("MIMSLICER_TEMP", None)
+    checkpoint = pretrainTiny(test, folder)
+    testExploreInLayout(test, checkpoint)
+    testFinetuneAndSegmentInLayout(test, checkpoint)
+    testCancel(test, checkpoint)
+    test.assertEqual(os.listdir(os.environ["MIMSLICER_TEMP"]), [], "temporary job folders left behind")
     test.delayDisplay("MiMSlicer: all desktop tests passed")
 
 
 def testWidget(test):
     slicer.util.selectModule("MiMSlicer")
     widget = slicer.util.getModuleWidget("MiMSlicer")
+    test.assertTrue(widget.logic.catalogue.userPath.startswith(os.environ["MIMSLICER_HOME"]))
     for name in ("inputVolumeSelector", "modelComboBox", "checkpointPathLineEdit", "reconstructButton", "levelComboBox",
                  "viewListWidget", "segmentButton", "casesListWidget", "finetuneButton", "cancelButton", "progressBar"):
         test.assertTrue(hasattr(widget.ui, name), name)

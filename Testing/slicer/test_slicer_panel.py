@@ -263,3 +263,26 @@ def test_models_live_in_the_home_folder_not_in_slicer_settings(monkeypatch, tmp_
     assert paths.modelsDir() == str(tmp_path / "elsewhere" / "models")
 
 
+def test_self_test_writes_only_into_its_own_folder(scene, mimFolders, monkeypatch):
+    """Reload and Test makes the widget, then runs MiMSlicerTest: the widget's catalogue must already point into the
+    test's temporary folder when the first case runs (it used to write into the user's real catalogue), and
+    everything is as before afterwards."""
+    import os
+    import MiMSlicer
+    from MiMSlicerLib import desktopTests
+    widget = newWidget()  # made first, as Reload and Test does
+    seen = {}
+
+    def cases(test, folder):
+        seen.update(home=os.environ["MIMSLICER_HOME"], temp=os.environ["MIMSLICER_TEMP"], folder=folder,
+                    catalogue=widget.logic.catalogue.userPath)
+
+    monkeypatch.setattr(desktopTests, "run", cases)
+    MiMSlicer.MiMSlicerTest().runTest()
+    assert seen["home"].startswith(seen["folder"]) and seen["temp"].startswith(seen["folder"])
+    assert seen["catalogue"] == os.path.join(seen["home"], "models.json")
+    assert os.environ["MIMSLICER_HOME"] == str(mimFolders["home"]) and not os.path.exists(seen["folder"])
+    assert widget.logic.catalogue.userPath == os.path.join(str(mimFolders["home"]), "models.json")
+    widget.cleanup()
+
+
