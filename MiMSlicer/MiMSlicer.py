@@ -4,6 +4,7 @@ Module, Widget, Logic and Test only; the work is in MiMSlicerLib (GUI-free). Eve
 (`python -m engine ...`) as a subprocess read on a thread and polled by a QTimer, so Slicer never freezes."""
 import logging
 import os
+import sys
 import tempfile
 
 import qt
@@ -106,6 +107,14 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.viewListWidget.currentRowChanged.connect(self.onViewChanged)
         for radio in self._layerRadios().values():
             radio.toggled.connect(self.onViewChanged)
+
+    def onReload(self):
+        """Slicer's Reload re-reads MiMSlicer.py only: drop MiMSlicerLib from sys.modules too, so that the reloaded
+        module imports the library afresh and edits to it count (SlicerMONAIAuto3DSeg reloads its Lib the same way)."""
+        self.logic.cancel()
+        for name in [n for n in sys.modules if n == "MiMSlicerLib" or n.startswith("MiMSlicerLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self):
         self.removeObservers()

@@ -286,3 +286,26 @@ def test_self_test_writes_only_into_its_own_folder(scene, mimFolders, monkeypatc
     widget.cleanup()
 
 
+def test_reload_reads_the_library_again(scene):
+    """Slicer's Reload re-executes MiMSlicer.py only; the widget's onReload drops MiMSlicerLib first, so the new
+    widget runs on freshly imported library modules."""
+    import sys
+    import slicer
+    def ours(name):
+        return name == "MiMSlicer" or name == "MiMSlicerLib" or name.startswith("MiMSlicerLib.")
+    saved = {name: module for name, module in sys.modules.items() if ours(name)}
+    widget = newWidget()
+    try:
+        widget.onReload()
+        reloaded = slicer.modules.MiMSlicerWidget
+        assert sys.modules["MiMSlicerLib.tasks"] is not saved["MiMSlicerLib.tasks"]
+        assert isinstance(reloaded.logic, sys.modules["MiMSlicerLib.session"].Session)
+        assert not isinstance(reloaded.logic, saved["MiMSlicerLib.session"].Session)
+        assert reloaded.parent is widget.parent and reloaded.ui.reconstructButton is not widget.ui.reconstructButton
+        assert "Choose a CT volume" in reloaded.ui.statusLabel.text
+        reloaded.cleanup()
+    finally:
+        for name in [n for n in sys.modules if ours(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        vars(slicer.modules).pop("MiMSlicerWidget", None)
