@@ -29,8 +29,8 @@ from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
-DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",
-            "ModelName": ""}
+DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
+            "Preset": "tiny", "ModelName": ""}
 
 
 class MiMSlicer(ScriptedLoadableModule):
@@ -88,7 +88,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.currentNodeChanged.connect(self.onGUIChanged)
         for combo in (ui.modelComboBox, ui.deviceComboBox, ui.presetComboBox):
             combo.currentIndexChanged.connect(self.onGUIChanged)
-        for spin in (ui.seedSpinBox, ui.stepsSpinBox):
+        for spin in (ui.seedSpinBox, ui.minutesSpinBox, ui.stepsSpinBox):
             spin.valueChanged.connect(self.onGUIChanged)
         ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
@@ -225,7 +225,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 ui.checkpointPathLineEdit.currentPath = self._checkpointShown
             _show(ui.deviceComboBox, "currentIndex", DEVICES.index(node.GetParameter("Device") or "auto"))
             _show(ui.seedSpinBox, "value", int(node.GetParameter("Seed") or 0))
-            _show(ui.stepsSpinBox, "value", int(node.GetParameter("Steps") or 200))
+            _show(ui.minutesSpinBox, "value", int(node.GetParameter("Minutes") or 0))
+            _show(ui.stepsSpinBox, "value", int(node.GetParameter("Steps") or 0))
             _show(ui.presetComboBox, "currentIndex", max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0))
             _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
         finally:
@@ -242,6 +243,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Model", ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) or FILE_CHOICE)
         node.SetParameter("Device", DEVICES[max(ui.deviceComboBox.currentIndex, 0)])
         node.SetParameter("Seed", str(ui.seedSpinBox.value))
+        node.SetParameter("Minutes", str(ui.minutesSpinBox.value))
         node.SetParameter("Steps", str(ui.stepsSpinBox.value))
         node.SetParameter("Preset", ui.presetComboBox.currentText)
         node.SetParameter("ModelName", ui.modelNameLineEdit.text)
@@ -391,7 +393,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
         task = self.runTask(lambda: self.logic.startFinetune(
             self.checkedCases(), model.path, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
-            steps=int(node.GetParameter("Steps")), device=node.GetParameter("Device"), pretrainedLabel=model.name))
+            steps=int(node.GetParameter("Steps") or 0), minutes=int(node.GetParameter("Minutes") or 0),
+            device=node.GetParameter("Device"), pretrainedLabel=model.name))
         if task is not None:
             self.logic.showChart(task.plot.chart)
 

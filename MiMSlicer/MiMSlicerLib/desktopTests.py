@@ -132,6 +132,7 @@ def testFinetuneAndSegmentInLayout(test, checkpoint):
         widget.ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     test.assertEqual(len(widget.checkedCases()), 2)
     widget.ui.checkpointPathLineEdit.currentPath = checkpoint
+    widget.ui.minutesSpinBox.value = 0  # no time limit: 2 steps
     widget.ui.stepsSpinBox.value = 2
     widget.ui.finetuneButton.click()
     test.assertIsNotNone(slicer.app.layoutManager().plotWidget(0))

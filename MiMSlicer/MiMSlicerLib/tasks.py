@@ -117,10 +117,14 @@ class Task(abc.ABC):
         parts = [f"{self.title}: step {self.step} of {self.total}"]
         if isinstance(self.lastLoss, (int, float)):
             parts.append(f"loss {self.lastLoss:.3f}")
-        if 0 < self.step < self.total and self.startTime is not None:
-            left = (time.monotonic() - self.startTime) / self.step * (self.total - self.step)
-            parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
-        return " · ".join(parts)
+        return " · ".join(parts + self._timeLeft(self.step, self.total))
+
+    def _timeLeft(self, done, total):
+        """['about N min left'] from the pace so far, or [] before the first unit of work or after the last."""
+        if not 0 < done < total or self.startTime is None:
+            return []
+        left = (time.monotonic() - self.startTime) / done * (total - done)
+        return [f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"]
 
     # -- internals -------------------------------------------------------------------------------------------
     def _handle(self, event):
@@ -196,6 +200,25 @@ class SegmentTask(Task):
         super().__init__(scene, device)
         self.volumeNode, self.model, self.labels = volumeNode, model, labels
         self.name = name or f"{volumeNode.GetName()} MiM segmentation"
+        self.windowsDone, self.windows = 0, 0
+
+    def onEvent(self, event):
+        """`engine infer` reports the sliding window's progress inside the volume ('windows' events)."""
+        if event.get("event") == "windows":
+            self.windowsDone, self.windows = int(event.get("done") or 0), int(event.get("windows") or 0)
+            self.message = self.progressText()
+
+    @property
+    def fraction(self):
+        if self.windows and self.state == RUNNING:
+            return min(1.0, self.windowsDone / self.windows)
+        return super().fraction
+
+    def progressText(self):
+        if not self.windows:
+            return super().progressText()
+        parts = [f"{self.title}: {self.windowsDone} of {self.windows} windows"]
+        return " · ".join(parts + self._timeLeft(self.windowsDone, self.windows))
 
     def prepare(self, folder):
         image = volumeIO.writeVolume(self.volumeNode, os.path.join(folder, "input.nii"))
@@ -234,10 +257,11 @@ class FinetuneTask(Task):
     title = "Fine-tuning"
 
     def __init__(self, scene, cases, plan, pretrained, modelName, catalogue, preset="tiny", steps=None,
-                 device="auto", pretrainedLabel=None):
+                 device="auto", pretrainedLabel=None, minutes=None):
         super().__init__(scene, device)
         self.cases, self.plan, self.pretrained = cases, plan, pretrained or "none"
         self.modelName, self.catalogue, self.preset, self.steps = modelName, catalogue, preset, steps
+        self.minutes = minutes  # train for this long (`--time-limit`; None or 0: as many steps as the recipe says)
         self.pretrainedLabel = pretrainedLabel or self.pretrained
         self.plot = None
         self.lastDice = None
@@ -249,7 +273,25 @@ class FinetuneTask(Task):
                 "--out", os.path.join(folder, "run"), "--device", self.device]
         if self.steps:
             args += ["--steps", int(self.steps)]
+        if self.minutes:
+            args += ["--time-limit", int(self.minutes)]
         return jobs.engineCommand("finetune", *args)
+
+    @property
+    def fraction(self):
+        """Steps done, or time used of the time limit, whichever is further."""
+        if not self.minutes or self.startTime is None or self.state != RUNNING:
+            return super().fraction
+        return max(super().fraction, min(1.0, (time.monotonic() - self.startTime) / (60 * self.minutes)))
+
+    def progressText(self):
+        if not self.minutes or self.startTime is None:
+            return super().progressText()
+        parts = [f"{self.title}: step {self.step}"] if self.step else [f"{self.title}: starting"]
+        if isinstance(self.lastLoss, (int, float)):
+            parts.append(f"loss {self.lastLoss:.3f}")
+        used = (time.monotonic() - self.startTime) / 60
+        return " · ".join(parts + [f"{min(used, self.minutes):.0f} of {self.minutes} min"])
 
     def onEvent(self, event):
         if self.plot is not None:

@@ -309,3 +309,53 @@ def test_reload_reads_the_library_again(scene):
             del sys.modules[name]
         sys.modules.update(saved)
         vars(slicer.modules).pop("MiMSlicerWidget", None)
+
+
+# -- the radiologist's loop: train for N minutes, progress that moves ---------------------------------------------
+def test_finetune_trains_for_the_minutes_chosen(jobsFolder, scene, chestCases, tmp_path, monkeypatch):
+    """'Train for 10 min' (the default) becomes `engine finetune --time-limit 10` without --steps (the recipe's);
+    0 minutes and N steps give --steps N alone. Checked on the command line the module builds: the engine's
+    --time-limit flag is another engineer's work in progress."""
+    from mimslicer_testing import loadLabelsAsSegmentation
+    from MiMSlicerLib import jobs
+    commands = []
+    monkeypatch.setattr(jobs.EngineJob, "start", lambda job: commands.append(job.command) or job)  # no process
+    for n, (ct, label) in enumerate(chestCases):
+        loadLabelsAsSegmentation(loadVolume(ct, f"Case {n + 1}"), label, {"heart": 1, "aorta": 2})
+    widget = newWidget()
+    ui = widget.ui
+    for row in range(ui.casesListWidget.count):
+        ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
+    ui.checkpointPathLineEdit.currentPath = pretrainedFile(tmp_path)
+    assert ui.minutesSpinBox.value == 10 and ui.stepsSpinBox.value == 0 and ui.finetuneButton.enabled
+    ui.finetuneButton.click()
+    command = commands[-1]
+    assert command[command.index("finetune") - 2:command.index("finetune")] == ["-m", "engine"]
+    assert command[command.index("--time-limit") + 1] == "10" and "--steps" not in command
+    assert command[command.index("--pretrained") + 1] == ui.checkpointPathLineEdit.currentPath
+    widget.logic.cancel()
+    ui.minutesSpinBox.value = 0
+    ui.stepsSpinBox.value = 5
+    ui.finetuneButton.click()
+    assert "--time-limit" not in commands[-1] and commands[-1][commands[-1].index("--steps") + 1] == "5"
+    widget.logic.cancel()
+    widget.onPoll()
+    widget.cleanup()
+
+
+def test_progress_moves_with_the_windows_and_with_the_time_limit(scene, smallCt):
+    """Segmenting one CT used to show 0 % until the end: `engine infer` now reports its sliding-window windows.
+    A time-limited fine-tune shows the time used of the limit."""
+    import time
+    from MiMSlicerLib import finetuneDataset, tasks
+    segment = tasks.SegmentTask(scene, loadVolume(smallCt, "CT"), "model.pt")
+    segment.state, segment.startTime = tasks.RUNNING, time.monotonic() - 10
+    for event in ({"event": "start", "step": 0, "total": 1}, {"event": "windows", "done": 3, "windows": 12}):
+        segment._handle(event)
+    assert segment.fraction == 0.25 and segment.message.startswith("Segmentation: 3 of 12 windows · about")
+    finetune = tasks.FinetuneTask(scene, [], finetuneDataset.LabelPlan(), "none", "m", None, minutes=10)
+    finetune.state, finetune.startTime = tasks.RUNNING, time.monotonic() - 180
+    finetune._handle({"event": "step", "step": 40, "total": 100000, "losses": {"loss": 0.5}})
+    assert abs(finetune.fraction - 0.3) < 0.01
+    assert finetune.message == "Fine-tuning: step 40 · loss 0.500 · 3 of 10 min"
+

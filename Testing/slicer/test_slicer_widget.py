@@ -108,6 +108,7 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     assert "heart = 1" in ui.labelPlanLabel.text and "aorta = 2" in ui.labelPlanLabel.text
     assert ui.modelNameLineEdit.text == "heart + aorta"
     assert ui.startFromLabel.text == "checkpoint.pt"
+    ui.minutesSpinBox.value = 0  # no time limit: 2 steps (the engine's --time-limit is not there yet)
     ui.stepsSpinBox.value = 2
     assert ui.finetuneButton.enabled, ui.finetuneButton.toolTip
     ui.finetuneButton.click()
@@ -130,6 +131,7 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     waitUntil(lambda: not logic.busy and not widget.timer.active)
     segmentation = logic.task.result
     assert logic.task.state == tasks.DONE, logic.task.message
+    assert logic.task.windowsDone == logic.task.windows > 0  # progress came window by window
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
     assert "Segmented Case 2: heart, aorta" in ui.segmentResultLabel.text
     assert ui.casesListWidget.count == 3  # the model output is offered, unticked, for correction and training
