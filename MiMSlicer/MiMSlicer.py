@@ -30,7 +30,7 @@ from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
-            "Preset": "tiny", "ModelName": ""}
+            "Preset": "tiny", "ModelName": "", "FromScratch": "false"}
 
 
 class MiMSlicer(ScriptedLoadableModule):
@@ -91,6 +91,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for spin in (ui.seedSpinBox, ui.minutesSpinBox, ui.stepsSpinBox):
             spin.valueChanged.connect(self.onGUIChanged)
         ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
+        ui.fromScratchCheckBox.toggled.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
         ui.checkpointPathLineEdit.validInputChanged.connect(self.onCheckpointValidInputChanged)
         ui.reconstructButton.clicked.connect(self.onReconstruct)
@@ -229,6 +230,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _show(ui.stepsSpinBox, "value", int(node.GetParameter("Steps") or 0))
             _show(ui.presetComboBox, "currentIndex", max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0))
             _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
+            _show(ui.fromScratchCheckBox, "checked", node.GetParameter("FromScratch") == "true")
         finally:
             self._updating = False
         self.updateButtons()
@@ -247,6 +249,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Steps", str(ui.stepsSpinBox.value))
         node.SetParameter("Preset", ui.presetComboBox.currentText)
         node.SetParameter("ModelName", ui.modelNameLineEdit.text)
+        node.SetParameter("FromScratch", "true" if ui.fromScratchCheckBox.checked else "false")
         if modelChanged:
             self.logic.matchPresetToModel(node)
         node.EndModify(wasModifying)
@@ -276,7 +279,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = node.GetNodeReference("InputVolume")
         reasons = {ui.reconstructButton: modelChoice.whyNotReconstruct(volume, model),
                    ui.segmentButton: modelChoice.whyNotSegment(volume, model),
-                   ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text)}
+                   ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text,
+                                                                 self._fromScratch())}
         busyText = ("The engine packages are being installed." if self.logic.installing
                     else "Another job is running.")
         for button, reason in reasons.items():
@@ -289,7 +293,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelInfoLabel.visible = bool(ui.modelInfoLabel.text)
         ui.downloadButton.visible = model.needsDownload
         ui.downloadButton.enabled = not busy
-        ui.startFromLabel.text = model.startFromText()
+        ui.startFromLabel.text = model.startFromText(self._fromScratch())
         ui.cancelButton.enabled = self.logic.jobRunning
         for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector,
                        ui.clearReconstructionsButton):
@@ -389,12 +393,16 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runTask(lambda: self.logic.startSegmentation(
             node.GetNodeReference("InputVolume"), model.path, labels=model.labels, device=node.GetParameter("Device")))
 
+    def _fromScratch(self):
+        return self._parameterNode is not None and self._parameterNode.GetParameter("FromScratch") == "true"
+
     def onFinetune(self):
         node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
+        pretrained, label = ("none", "no pre-training") if self._fromScratch() else (model.path, model.name)
         task = self.runTask(lambda: self.logic.startFinetune(
-            self.checkedCases(), model.path, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
+            self.checkedCases(), pretrained, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
             steps=int(node.GetParameter("Steps") or 0), minutes=int(node.GetParameter("Minutes") or 0),
-            device=node.GetParameter("Device"), pretrainedLabel=model.name))
+            device=node.GetParameter("Device"), pretrainedLabel=label))
         if task is not None:
             self.logic.showChart(task.plot.chart)
 

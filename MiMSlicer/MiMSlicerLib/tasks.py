@@ -316,7 +316,8 @@ class FinetuneTask(Task):
                  "spacing": _runSpacing(destination), "preset": self.preset,
                  "file": os.path.join(destination, "model.pt"), "pretrained": self.pretrainedLabel,
                  "trainingCases": len(self.cases),
-                 "description": f"Fine-tuned in Slicer on {len(self.cases)} case(s) from {self.pretrainedLabel}."}
+                 "description": f"Fine-tuned in Slicer on {len(self.cases)} case(s) " +
+                                ("from scratch." if self.pretrained == "none" else f"from {self.pretrainedLabel}.")}
         if self.lastDice is not None and self.lastDice == self.lastDice:
             entry["validationDice"] = round(self.lastDice, 4)
         try:

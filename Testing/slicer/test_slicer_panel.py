@@ -359,3 +359,27 @@ def test_progress_moves_with_the_windows_and_with_the_time_limit(scene, smallCt)
     assert abs(finetune.fraction - 0.3) < 0.01
     assert finetune.message == "Fine-tuning: step 40 · loss 0.500 · 3 of 10 min"
 
+
+# -- no dead end on first open -------------------------------------------------------------------------------------
+def test_a_new_user_can_fine_tune_from_scratch(jobsFolder, scene, chestCases, monkeypatch):
+    """The shipped catalogue is empty and a new user has no checkpoint: Fine-tune says how to go on, and 'No
+    pre-training' trains from scratch (`--pretrained none`)."""
+    from mimslicer_testing import loadLabelsAsSegmentation
+    from MiMSlicerLib import jobs
+    commands = []
+    monkeypatch.setattr(jobs.EngineJob, "start", lambda job: commands.append(job.command) or job)  # no process
+    loadLabelsAsSegmentation(loadVolume(chestCases[0][0], "Case 1"), chestCases[0][1], {"heart": 1, "aorta": 2})
+    widget = newWidget()
+    ui = widget.ui
+    ui.casesListWidget.item(0).setCheckState(qt.Qt.Checked)
+    assert not ui.finetuneButton.enabled and "'No pre-training'" in ui.finetuneButton.toolTip
+    assert "or train with no pre-training" in ui.startFromLabel.text
+    ui.fromScratchCheckBox.checked = True
+    assert ui.finetuneButton.enabled, ui.finetuneButton.toolTip
+    assert ui.startFromLabel.text.startswith("nothing: the network learns from your cases alone")
+    assert widget.logic.getParameterNode().GetParameter("FromScratch") == "true"
+    ui.finetuneButton.click()
+    assert commands[-1][commands[-1].index("--pretrained") + 1] == "none"
+    widget.logic.cancel()
+    widget.onPoll()
+    widget.cleanup()
