@@ -4,6 +4,8 @@ import html
 import os
 import re
 
+NO_VOLUME = ("Choose a CT volume in step 1 (none loaded? The Sample Data module has CT volumes to try, e.g. "
+             "CTChest).")
 KIND_TEXT = {"pretraining": "MiM pre-training checkpoint", "segmentation": "Segmentation model (fine-tuned)"}
 
 
@@ -81,7 +83,7 @@ class SelectedModel:
 
 def whyNotReconstruct(volume, model):
     if volume is None:
-        return "Choose a CT volume in step 1."
+        return NO_VOLUME
     if model.task is None:
         return "Choose a MiM pre-trained model in step 1."
     if not model.canReconstruct:
@@ -91,7 +93,7 @@ def whyNotReconstruct(volume, model):
 
 def whyNotSegment(volume, model):
     if volume is None:
-        return "Choose a CT volume in step 1."
+        return NO_VOLUME
     if model.task == "pretraining":
         return "The selected model is a pre-trained encoder: fine-tune it in step 4 to get a segmentation model."
     if model.task is None or not model.canSegment:

@@ -50,7 +50,7 @@ def test_empty_scene_tells_what_to_do_first(scene, tmp_path):
     widget = newWidget()
     ui = widget.ui
     assert not ui.reconstructButton.enabled and not ui.segmentButton.enabled and not ui.finetuneButton.enabled
-    assert "Choose a CT volume" in ui.statusLabel.text
+    assert "Choose a CT volume" in ui.statusLabel.text and "Sample Data" in ui.statusLabel.text
     assert "Choose a CT volume" in ui.reconstructButton.toolTip
     assert not ui.cancelButton.enabled
     assert imageHasContent(shot(widget, tmp_path, "panel_0_empty"))
