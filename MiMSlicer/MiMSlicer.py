@@ -603,13 +603,13 @@ class MiMSlicerTest(ScriptedLoadableModuleTest):
     Everything it writes goes to a temporary folder: MIMSLICER_HOME and MIMSLICER_TEMP point there before any case
     runs (Reload and Test makes the widget first; its catalogue reads MIMSLICER_HOME whenever it is used), and are
     restored afterwards."""
-    FOLDERS = {"MIMSLICER_HOME": "home", "MIMSLICER_TEMP": "jobs"}
+    FOLDERS = (("MIMSLICER_HOME", "home"), ("MIMSLICER_TEMP", "jobs"))
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
         self._folder = tempfile.TemporaryDirectory(prefix="MiMSlicerTest-")
-        self._savedEnvironment = {name: os.environ.get(name) for name in self.FOLDERS}
-        for name, sub in self.FOLDERS.items():
+        self._savedEnvironment = {name: os.environ.get(name) for name, _ in self.FOLDERS}
+        for name, sub in self.FOLDERS:
             os.environ[name] = os.path.join(self._folder.name, sub)
             os.makedirs(os.environ[name])
         self._refreshWidget()

@@ -1,7 +1,7 @@
 """Subject hierarchy placement. Desktop Slicer makes an item for every new data node that is not hidden from editors;
 the slicer-core library alone does not, so `itemFor` makes one when it is missing (never a second one)."""
-import vtk
 import slicer
+import vtk
 
 
 def shNode(scene):

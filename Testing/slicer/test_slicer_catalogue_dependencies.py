@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -131,7 +132,7 @@ def test_pip_adds_what_is_missing_and_may_change_nothing_installed(tmp_path):
 
     def pip(args):
         seen["args"] = args
-        seen["pins"] = set(open(args[args.index("-c") + 1]).read().split())
+        seen["pins"] = set(Path(args[args.index("-c") + 1]).read_text().split())
 
     versions = {"monai": None, "nibabel": "4.0.2", "tqdm": "4.66.0"}
     deps = dependencies.Dependencies({"monai": ">=1.5", "nibabel": ">=5", "tqdm": ">=4.60"}, pipInstall=pip,

@@ -116,7 +116,7 @@ def test_installing_shows_busy_and_no_button_starts_anything_meanwhile(jobsFolde
         installed["definitely-not-installed-pkg"] = "1.0"
 
     widget.logic.dependencies = dependencies.Dependencies({"definitely-not-installed-pkg": ">=1"}, pipInstall=pip,
-                                                          versionOf=installed.get, installedPins=lambda: [])
+                                                          versionOf=installed.get, installedPins=list)
     widget.checkPackages()
     readyToReconstruct(widget, volume, tmp_path)
     slicer.util.confirmAnswer = True
