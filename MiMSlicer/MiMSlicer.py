@@ -3,9 +3,7 @@
 Module, Widget, Logic and Test only; the work is in MiMSlicerLib (GUI-free). Every long job runs the bundled engine
 (`python -m engine ...`) as a subprocess read on a thread and polled by a QTimer, so Slicer never freezes."""
 import logging
-import os
 import sys
-import tempfile
 
 import qt
 import slicer
@@ -24,7 +22,7 @@ from MiMSlicerLib import compatibility  # Python 3.9 syntax: every Slicer reads 
 if compatibility.whyUnsupported(slicer.app):
     raise ImportError(compatibility.whyUnsupported(slicer.app))
 
-from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
+from MiMSlicerLib import caseWatch, finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
 from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
@@ -53,7 +51,6 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic, self._parameterNode, self._updating = None, None, False
         self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
         self._logLinesShown, self._packagesProblem, self._checkpointShown = 0, "", ""
-        self._caseTicks, self._segmentations, self._armed, self._edited = {}, {}, set(), set()
         self._casesDirty = False
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
@@ -73,8 +70,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._casesTimer.interval = CASES_REFRESH_MS
         self._casesTimer.timeout.connect(self.onCasesTimer)
         self._connectWidgets()
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onNodeAdded)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+        self.caseWatcher = caseWatch.CaseWatch(slicer.mrmlScene, changed=self.scheduleCasesRefresh,
+                                             busy=lambda: self._updating or self.logic.busy)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
@@ -119,6 +116,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self):
         self.removeObservers()
+        self.caseWatcher.stop()
         self.logic.cancel()
         self.timer.stop()
         self._casesTimer.stop()
@@ -134,62 +132,17 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
-        self._manualCases, self._caseTicks, self._armed, self._edited = [], {}, set(), set()
+        self._manualCases = []
+        self.caseWatcher.reset()
         self.setParameterNode(self.logic.getParameterNode())
         self.showReconstruction(None)
-
-    def onSceneNodesChanged(self, caller, event):
-        if not self._updating and not self.logic.busy:
-            self.scheduleCasesRefresh()
-
-    @vtk.calldata_type(vtk.VTK_OBJECT)
-    def onNodeAdded(self, caller, event, node):
-        """Segment Editor adds a segmentation before it sets its CT, and painting adds no node: so each
-        segmentation is observed from the moment it is added."""
-        if isinstance(node, slicer.vtkMRMLSegmentationNode):
-            self._observeSegmentation(node)
-        self.onSceneNodesChanged(caller, event)
-
-    def _segmentationObservers(self):
-        """(event, method) pairs: VTK hands a Python observer no usable id for these custom events, so each kind has
-        its own method."""
-        return ([(e, self.onSegmentationReferenceChanged) for e in finetuneDataset.CASE_EVENTS] +
-                [(e, self.onSegmentationEdited) for e in finetuneDataset.EDIT_EVENTS])
-
-    def _observeSegmentation(self, node):
-        self._segmentations[node.GetID()] = node
-        for event, method in self._segmentationObservers():
-            if not self.hasObserver(node, event, method):
-                self.addObserver(node, event, method)
-
-    def _forgetRemovedSegmentations(self):
-        for nodeID, node in list(self._segmentations.items()):
-            if not slicer.mrmlScene.IsNodePresent(node):
-                for event, method in self._segmentationObservers():
-                    self.removeObserver(node, event, method)
-                del self._segmentations[nodeID]
-                self._armed.discard(nodeID)
-
-    def onSegmentationReferenceChanged(self, node, event):
-        if not self.logic.busy:
-            self.scheduleCasesRefresh()
-
-    def onSegmentationEdited(self, node, event):
-        """An edit (segment added, renamed, removed or painted) marks its case as the user's: it gets ticked, unless
-        the user has set its tick. Edits made before the node was armed (loading it, a model writing it) are not
-        the user's: a node is armed when the events of its creation have been handled."""
-        if self.logic.busy:
-            return
-        if node.GetID() in self._armed:
-            self._edited.add(node.GetID())
-        self.scheduleCasesRefresh()
 
     def scheduleCasesRefresh(self):
         self._casesDirty = True
         self._casesTimer.start()
 
     def onCasesTimer(self):
-        self._armed.update(self._segmentations)
+        self.caseWatcher.arm()
         if self._casesNeeded():
             self.refreshCases()
 
@@ -330,9 +283,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """One line per case: its CT, segmentation and labels. Nothing is ticked unless the user ticked it, added it
         by hand, or edited its segmentation while the module watched."""
         self._casesDirty = False
-        for node in _nodesByClass("vtkMRMLSegmentationNode"):
-            self._observeSegmentation(node)
-        self._forgetRemovedSegmentations()
+        self.caseWatcher.watchAll()
         listWidget = self.ui.casesListWidget
         listWidget.blockSignals(True)
         listWidget.clear()
@@ -342,7 +293,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setToolTip(f"CT: {case.volumeNode.GetName()}\nSegmentation: {case.segmentationNode.GetName()}" +
                             ("\nMade by a model: correct it before training on it." if case.isModelOutput else ""))
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-            checked = self._caseTicks.get(case.key, case.segmentationNode.GetID() in self._edited)
+            checked = self.caseWatcher.startsTicked(case)
             item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
             item.setData(qt.Qt.UserRole, case.key)
             listWidget.addItem(item)
@@ -350,7 +301,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCasesChanged()
 
     def onCaseTicked(self, item):
-        self._caseTicks[item.data(qt.Qt.UserRole)] = item.checkState() == qt.Qt.Checked
+        self.caseWatcher.setTicked(item.data(qt.Qt.UserRole), item.checkState() == qt.Qt.Checked)
         self.onCasesChanged()
 
     def checkedCases(self):
@@ -377,7 +328,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setJobStatus("To add a case by hand, choose its CT volume and its segmentation first.", "hint")
             return
         self._manualCases.append((volume.GetID(), segmentation.GetID()))
-        self._caseTicks[f"{volume.GetID()}|{segmentation.GetID()}"] = True
+        self.caseWatcher.setTicked(f"{volume.GetID()}|{segmentation.GetID()}", True)
         self.refreshCases()
 
     # -- jobs ------------------------------------------------------------------------------------------------
@@ -549,11 +500,6 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.showReconstructionView(combo.itemData(combo.currentIndex), views.currentRow, layer)
 
 
-def _nodesByClass(className):
-    scene = slicer.mrmlScene
-    return [scene.GetNthNodeByClass(i, className) for i in range(scene.GetNumberOfNodesByClass(className))]
-
-
 def _show(widget, name, value):
     """Set a widget's property only when it differs (writing the same text again moves a line edit's cursor)."""
     if getattr(widget, name) != value:
@@ -598,41 +544,14 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
 
 class MiMSlicerTest(ScriptedLoadableModuleTest):
     """Desktop Slicer only (Reload and Test, or ctest through slicer_add_python_unittest): what the headless tests
-    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py.
-
-    Everything it writes goes to a temporary folder: MIMSLICER_HOME and MIMSLICER_TEMP point there before any case
-    runs (Reload and Test makes the widget first; its catalogue reads MIMSLICER_HOME whenever it is used), and are
-    restored afterwards."""
-    FOLDERS = (("MIMSLICER_HOME", "home"), ("MIMSLICER_TEMP", "jobs"))
+    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py; they write only into a temporary
+    folder (MIMSLICER_HOME, MIMSLICER_TEMP), set before the first case runs and restored after."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
-        self._folder = tempfile.TemporaryDirectory(prefix="MiMSlicerTest-")
-        self._savedEnvironment = {name: os.environ.get(name) for name, _ in self.FOLDERS}
-        for name, sub in self.FOLDERS:
-            os.environ[name] = os.path.join(self._folder.name, sub)
-            os.makedirs(os.environ[name])
-        self._refreshWidget()
 
-    def tearDown(self):
-        for name, value in self._savedEnvironment.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._folder.cleanup()
-        self._refreshWidget()
-
-    def runTest(self):  # Slicer calls runTest() alone: set up and tear down here
+    def runTest(self):  # Slicer calls runTest() alone
         from MiMSlicerLib import desktopTests
         self.setUp()
-        try:
-            desktopTests.run(self, self._folder.name)
-        finally:
-            self.tearDown()
-
-    @staticmethod
-    def _refreshWidget():
-        widget = getattr(slicer.modules, "MiMSlicerWidget", None)  # the panel, once Slicer has made it
-        if widget is not None:
-            widget.refreshModels()
+        with desktopTests.ownFolders() as folder:
+            desktopTests.run(self, folder)

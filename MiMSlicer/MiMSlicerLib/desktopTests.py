@@ -4,7 +4,9 @@ What the headless tests in Testing/slicer cannot reach: the real PythonQt/CTK wi
 module's panel inside Slicer's main window, the engine run by PythonSlicer (Slicer's own Python with its own
 packages), slice views and plot views of the layout. A synthetic phantom CT keeps it offline; engine steps are
 skipped, with a message, when the engine packages are not installed (a test never installs anything)."""
+import contextlib
 import os
+import tempfile
 import time
 
 import numpy as np
@@ -14,9 +16,36 @@ import slicer
 from . import dependencies, finetuneDataset, jobs, paths, tasks
 
 
+@contextlib.contextmanager
+def ownFolders():
+    """MIMSLICER_HOME and MIMSLICER_TEMP in a temporary folder while the cases run, then as they were. Reload and
+    Test makes the panel first: its catalogue reads MIMSLICER_HOME whenever it is used, and its model list is read
+    again on the way in and out, so a test never writes into, nor shows, the user's catalogue."""
+    saved = {name: os.environ.get(name) for name in ("MIMSLICER_HOME", "MIMSLICER_TEMP")}
+    with tempfile.TemporaryDirectory(prefix="MiMSlicerTest-") as folder:
+        for name, sub in (("MIMSLICER_HOME", "home"), ("MIMSLICER_TEMP", "jobs")):
+            os.environ[name] = os.path.join(folder, sub)
+            os.makedirs(os.environ[name])
+        _refreshPanel()
+        try:
+            yield folder
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _refreshPanel()
+
+
+def _refreshPanel():
+    widget = getattr(slicer.modules, "MiMSlicerWidget", None)  # the panel, once Slicer has made it
+    if widget is not None:
+        widget.refreshModels()
+
+
 def run(test, folder):
-    """Entry point called by MiMSlicerTest.runTest(), which has already pointed MIMSLICER_HOME and MIMSLICER_TEMP
-    into `folder` (a temporary folder), so no test writes into the user's catalogue."""
+    """Entry point called by MiMSlicerTest.runTest() inside ownFolders(): `folder` is the temporary folder."""
     test.delayDisplay("MiMSlicer: widget from the .ui in Slicer")
     testWidget(test)
     missing = dependencies.Dependencies().check()

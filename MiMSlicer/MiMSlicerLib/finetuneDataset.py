@@ -14,12 +14,6 @@ from .sceneTransaction import TemporaryNodes
 
 DEFAULT_SEGMENT_PREFIXES = ("segment_", "segment ", "label_", "label ")
 MODEL_OUTPUT_ATTRIBUTE = "MiMSlicer.modelOutput"
-# Events of a segmentation node: its CT is set or changed (Segment Editor sets it after adding the node) ...
-CASE_EVENTS = (slicer.vtkMRMLNode.ReferenceAddedEvent, slicer.vtkMRMLNode.ReferenceModifiedEvent,
-               slicer.vtkMRMLNode.ReferenceRemovedEvent)
-# ... or its segments change: added, removed, renamed or recoloured, painted (the node relays these)
-EDIT_EVENTS = (slicer.vtkSegmentation.SegmentAdded, slicer.vtkSegmentation.SegmentRemoved,
-               slicer.vtkSegmentation.SegmentModified, slicer.vtkSegmentation.SourceRepresentationModified)
 
 
 class LabelledCase:
