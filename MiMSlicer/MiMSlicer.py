@@ -3,6 +3,7 @@
 Module, Widget, Logic and Test only; the work is in MiMSlicerLib (GUI-free). Every long job runs the bundled engine
 (`python -m engine ...`) as a subprocess read on a thread and polled by a QTimer, so Slicer never freezes."""
 import logging
+import sys
 
 import qt
 import slicer
@@ -16,12 +17,18 @@ try:  # PySide6 (the test harness) only: Qt properties as attributes, as PythonQ
 except ImportError:
     pass
 
-from MiMSlicerLib import finetuneDataset, modelChoice, panelText, paths, tasks
-from MiMSlicerLib.session import FILE_CHOICE, Session
+from MiMSlicerLib import compatibility  # Python 3.9 syntax: every Slicer reads it, so an old one gets this line
+
+if compatibility.whyUnsupported(slicer.app):
+    raise ImportError(compatibility.whyUnsupported(slicer.app))
+
+from MiMSlicerLib import caseWatch, finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
+from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
-DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Steps": "200", "Preset": "tiny",
-            "ModelName": ""}
+CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
+DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
+            "Preset": "tiny", "ModelName": "", "FromScratch": "false"}
 
 
 class MiMSlicer(ScriptedLoadableModule):
@@ -43,7 +50,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)  # before the base __init__, which calls setup() when parent is None
         self.logic, self._parameterNode, self._updating = None, None, False
         self._manualCases, self._jobStatus, self._segmentedVolumeID = [], ("", "info"), None
-        self._logLinesShown = 0
+        self._logLinesShown, self._packagesProblem, self._checkpointShown = 0, "", ""
+        self._casesDirty = False
         ScriptedLoadableModuleWidget.__init__(self, parent)
 
     def setup(self):
@@ -57,12 +65,17 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer = qt.QTimer()
         self.timer.interval = 200
         self.timer.timeout.connect(self.onPoll)
+        self._casesTimer = qt.QTimer()
+        self._casesTimer.singleShot = True
+        self._casesTimer.interval = CASES_REFRESH_MS
+        self._casesTimer.timeout.connect(self.onCasesTimer)
         self._connectWidgets()
-        for event in (slicer.mrmlScene.NodeAddedEvent, slicer.mrmlScene.NodeRemovedEvent):
-            self.addObserver(slicer.mrmlScene, event, self.onSceneNodesChanged)
+        self.caseWatcher = caseWatch.CaseWatch(slicer.mrmlScene, changed=self.scheduleCasesRefresh,
+                                             busy=lambda: self._updating or self.logic.busy)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.refreshModels()
+        self.checkPackages()
         self.setParameterNode(self.logic.getParameterNode())
         self.refreshCases()
 
@@ -72,30 +85,46 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.currentNodeChanged.connect(self.onGUIChanged)
         for combo in (ui.modelComboBox, ui.deviceComboBox, ui.presetComboBox):
             combo.currentIndexChanged.connect(self.onGUIChanged)
-        for spin in (ui.seedSpinBox, ui.stepsSpinBox):
+        for spin in (ui.seedSpinBox, ui.minutesSpinBox, ui.stepsSpinBox):
             spin.valueChanged.connect(self.onGUIChanged)
         ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
+        ui.fromScratchCheckBox.toggled.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
+        ui.checkpointPathLineEdit.validInputChanged.connect(self.onCheckpointValidInputChanged)
         ui.reconstructButton.clicked.connect(self.onReconstruct)
         ui.segmentButton.clicked.connect(self.onSegment)
         ui.finetuneButton.clicked.connect(self.onFinetune)
         ui.cancelButton.clicked.connect(self.onCancel)
         ui.dependenciesButton.clicked.connect(self.onDependencies)
         ui.downloadButton.clicked.connect(self.onDownload)
+        ui.clearReconstructionsButton.clicked.connect(self.onClearReconstructions)
         ui.addCaseButton.clicked.connect(self.onAddCase)
-        ui.casesListWidget.itemChanged.connect(self.onCasesChanged)
+        ui.casesListWidget.itemChanged.connect(self.onCaseTicked)
+        ui.finetuneCollapsibleButton.contentsCollapsed.connect(self.onFinetuneCollapsed)
         ui.levelComboBox.currentIndexChanged.connect(self.onLevelChanged)
         ui.viewListWidget.currentRowChanged.connect(self.onViewChanged)
         for radio in self._layerRadios().values():
             radio.toggled.connect(self.onViewChanged)
 
+    def onReload(self):
+        """Slicer's Reload re-reads MiMSlicer.py only: drop MiMSlicerLib from sys.modules too, so that the reloaded
+        module imports the library afresh and edits to it count (SlicerMONAIAuto3DSeg reloads its Lib the same way)."""
+        self.logic.cancel()
+        for name in [n for n in sys.modules if n == "MiMSlicerLib" or n.startswith("MiMSlicerLib.")]:
+            del sys.modules[name]
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def cleanup(self):
         self.removeObservers()
+        self.caseWatcher.stop()
         self.logic.cancel()
         self.timer.stop()
+        self._casesTimer.stop()
 
     def enter(self):
+        self.checkPackages()
         self.setParameterNode(self.logic.getParameterNode())
+        self.refreshCases()  # what changed in the scene while another module was shown
 
     def onSceneStartClose(self, caller, event):
         self.onCancel()
@@ -104,11 +133,25 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneEndClose(self, caller, event):
         self._manualCases = []
+        self.caseWatcher.reset()
         self.setParameterNode(self.logic.getParameterNode())
         self.showReconstruction(None)
 
-    def onSceneNodesChanged(self, caller, event):
-        if not self._updating and not self.logic.busy:
+    def scheduleCasesRefresh(self):
+        self._casesDirty = True
+        self._casesTimer.start()
+
+    def onCasesTimer(self):
+        self.caseWatcher.arm()
+        if self._casesNeeded():
+            self.refreshCases()
+
+    def _casesNeeded(self):
+        """The case list (and the labelmap scan behind its label plan) is only rebuilt while someone can see it."""
+        return self._casesDirty and self.parent.visible and not self.ui.finetuneCollapsibleButton.collapsed
+
+    def onFinetuneCollapsed(self, collapsed):
+        if not collapsed and self._casesNeeded():
             self.refreshCases()
 
     # -- parameter node <-> GUI ------------------------------------------------------------------------------
@@ -126,15 +169,21 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is None or self._updating:
             return
         self._updating = True
-        try:
-            ui.inputVolumeSelector.setCurrentNode(node.GetNodeReference("InputVolume"))
-            ui.modelComboBox.currentIndex = max(ui.modelComboBox.findData(node.GetParameter("Model")), 0)
-            ui.checkpointPathLineEdit.currentPath = node.GetParameter("Checkpoint")
-            ui.deviceComboBox.currentIndex = DEVICES.index(node.GetParameter("Device") or "auto")
-            ui.seedSpinBox.value = int(node.GetParameter("Seed") or 0)
-            ui.stepsSpinBox.value = int(node.GetParameter("Steps") or 200)
-            ui.presetComboBox.currentIndex = max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0)
-            ui.modelNameLineEdit.text = node.GetParameter("ModelName")
+        try:  # a widget is written only when its value differs: rewriting a line edit would move its cursor
+            volume = node.GetNodeReference("InputVolume")
+            if ui.inputVolumeSelector.currentNodeID != (volume.GetID() if volume else ""):
+                ui.inputVolumeSelector.setCurrentNode(volume)
+            _show(ui.modelComboBox, "currentIndex", max(ui.modelComboBox.findData(node.GetParameter("Model")), 0))
+            if node.GetParameter("Checkpoint") != self._checkpointShown:
+                self._checkpointShown = node.GetParameter("Checkpoint")
+                ui.checkpointPathLineEdit.currentPath = self._checkpointShown
+            _show(ui.deviceComboBox, "currentIndex", DEVICES.index(node.GetParameter("Device") or "auto"))
+            _show(ui.seedSpinBox, "value", int(node.GetParameter("Seed") or 0))
+            _show(ui.minutesSpinBox, "value", int(node.GetParameter("Minutes") or 0))
+            _show(ui.stepsSpinBox, "value", int(node.GetParameter("Steps") or 0))
+            _show(ui.presetComboBox, "currentIndex", max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0))
+            _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
+            _show(ui.fromScratchCheckBox, "checked", node.GetParameter("FromScratch") == "true")
         finally:
             self._updating = False
         self.updateButtons()
@@ -149,21 +198,31 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Model", ui.modelComboBox.itemData(ui.modelComboBox.currentIndex) or FILE_CHOICE)
         node.SetParameter("Device", DEVICES[max(ui.deviceComboBox.currentIndex, 0)])
         node.SetParameter("Seed", str(ui.seedSpinBox.value))
+        node.SetParameter("Minutes", str(ui.minutesSpinBox.value))
         node.SetParameter("Steps", str(ui.stepsSpinBox.value))
         node.SetParameter("Preset", ui.presetComboBox.currentText)
         node.SetParameter("ModelName", ui.modelNameLineEdit.text)
+        node.SetParameter("FromScratch", "true" if ui.fromScratchCheckBox.checked else "false")
         if modelChanged:
             self.logic.matchPresetToModel(node)
         node.EndModify(wasModifying)
         self.updateButtons()
 
     def onCheckpointPathChanged(self, path):
+        """ctkPathLineEdit emits this only for text its name filters accept (a checkpoint's name), never for ''."""
         if self._parameterNode is None or self._updating:
             return
-        self._parameterNode.SetParameter("Checkpoint", path or "")
-        if path:
-            self._parameterNode.SetParameter("Model", FILE_CHOICE)
+        self._checkpointShown = path
+        self._parameterNode.SetParameter("Checkpoint", path)
+        self._parameterNode.SetParameter("Model", FILE_CHOICE)
         self.logic.matchPresetToModel(self._parameterNode)
+
+    def onCheckpointValidInputChanged(self, valid):
+        """The field no longer holds a checkpoint's name (cleared, or half typed): no checkpoint is chosen."""
+        if valid or self._parameterNode is None or self._updating:
+            return
+        self._checkpointShown = ""
+        self._parameterNode.SetParameter("Checkpoint", "")
 
     def updateButtons(self):
         ui, node = self.ui, self._parameterNode
@@ -173,10 +232,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = node.GetNodeReference("InputVolume")
         reasons = {ui.reconstructButton: modelChoice.whyNotReconstruct(volume, model),
                    ui.segmentButton: modelChoice.whyNotSegment(volume, model),
-                   ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text)}
+                   ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text,
+                                                                 self._fromScratch())}
+        busyText = ("The engine packages are being installed." if self.logic.installing
+                    else "Another job is running.")
         for button, reason in reasons.items():
             button.enabled = not busy and not reason
-            button.toolTip = "Another job is running." if busy else reason
+            button.toolTip = busyText if busy else reason
         ui.segmentButton.text = f"Segment {volume.GetName()}" if volume else "Segment"
         if volume is None or volume.GetID() != self._segmentedVolumeID:
             ui.segmentResultLabel.text = ""
@@ -184,14 +246,15 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.modelInfoLabel.visible = bool(ui.modelInfoLabel.text)
         ui.downloadButton.visible = model.needsDownload
         ui.downloadButton.enabled = not busy
-        ui.startFromLabel.text = model.startFromText()
-        ui.cancelButton.enabled = busy
-        for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector):
+        ui.startFromLabel.text = model.startFromText(self._fromScratch())
+        ui.cancelButton.enabled = self.logic.jobRunning
+        for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector,
+                       ui.clearReconstructionsButton):
             widget.enabled = not busy
         ui.checkpointPathLineEdit.enabled = not busy and model.isFile
         text, kind = self._jobStatus
-        if not text:  # nothing to report: say what to do next
-            text, kind = next((r for r in reasons.values() if r), ""), "hint"
+        if not text:  # nothing to report: say what to do next, packages first
+            text, kind = next((r for r in [self._packagesProblem, *reasons.values()] if r), ""), "hint"
         ui.statusLabel.text = panelText.status(text, kind)
 
     def setJobStatus(self, text, kind="info"):
@@ -217,9 +280,11 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateGUI()
 
     def refreshCases(self):
+        """One line per case: its CT, segmentation and labels. Nothing is ticked unless the user ticked it, added it
+        by hand, or edited its segmentation while the module watched."""
+        self._casesDirty = False
+        self.caseWatcher.watchAll()
         listWidget = self.ui.casesListWidget
-        previous = {listWidget.item(i).data(qt.Qt.UserRole): listWidget.item(i).checkState() == qt.Qt.Checked
-                    for i in range(listWidget.count)}
         listWidget.blockSignals(True)
         listWidget.clear()
         for case in self.logic.labelledCases(self._manualCases):
@@ -228,11 +293,15 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             item.setToolTip(f"CT: {case.volumeNode.GetName()}\nSegmentation: {case.segmentationNode.GetName()}" +
                             ("\nMade by a model: correct it before training on it." if case.isModelOutput else ""))
             item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
-            checked = previous.get(case.key, not case.isModelOutput)
+            checked = self.caseWatcher.startsTicked(case)
             item.setCheckState(qt.Qt.Checked if checked else qt.Qt.Unchecked)
             item.setData(qt.Qt.UserRole, case.key)
             listWidget.addItem(item)
         listWidget.blockSignals(False)
+        self.onCasesChanged()
+
+    def onCaseTicked(self, item):
+        self.caseWatcher.setTicked(item.data(qt.Qt.UserRole), item.checkState() == qt.Qt.Checked)
         self.onCasesChanged()
 
     def checkedCases(self):
@@ -259,6 +328,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.setJobStatus("To add a case by hand, choose its CT volume and its segmentation first.", "hint")
             return
         self._manualCases.append((volume.GetID(), segmentation.GetID()))
+        self.caseWatcher.setTicked(f"{volume.GetID()}|{segmentation.GetID()}", True)
         self.refreshCases()
 
     # -- jobs ------------------------------------------------------------------------------------------------
@@ -274,11 +344,16 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runTask(lambda: self.logic.startSegmentation(
             node.GetNodeReference("InputVolume"), model.path, labels=model.labels, device=node.GetParameter("Device")))
 
+    def _fromScratch(self):
+        return self._parameterNode is not None and self._parameterNode.GetParameter("FromScratch") == "true"
+
     def onFinetune(self):
         node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
+        pretrained, label = ("none", "no pre-training") if self._fromScratch() else (model.path, model.name)
         task = self.runTask(lambda: self.logic.startFinetune(
-            self.checkedCases(), model.path, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
-            steps=int(node.GetParameter("Steps")), device=node.GetParameter("Device"), pretrainedLabel=model.name))
+            self.checkedCases(), pretrained, node.GetParameter("ModelName"), preset=node.GetParameter("Preset"),
+            steps=int(node.GetParameter("Steps") or 0), minutes=int(node.GetParameter("Minutes") or 0),
+            device=node.GetParameter("Device"), pretrainedLabel=label))
         if task is not None:
             self.logic.showChart(task.plot.chart)
 
@@ -287,15 +362,18 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runTask(lambda: self.logic.startDownload(model.entry))
 
     def runTask(self, startTask):
-        self.ui.logTextEdit.plainText = ""
-        self._logLinesShown = 0
-        self.ui.progressBar.value = 0
         try:
             task = startTask()
+        except JobRefused as err:  # busy, or packages missing: the message says what to do
+            self.setJobStatus(str(err), "warning")
+            return None
         except Exception as err:
             logging.exception("MiMSlicer: the job did not start")
             self.setJobStatus(str(err), "error")
             return None
+        self.ui.logTextEdit.plainText = ""
+        self._logLinesShown = 0
+        self.ui.progressBar.value = 0
         self.ui.progressLabel.text = task.message
         self.setJobStatus(task.message, "info")
         self.timer.start()
@@ -332,19 +410,46 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setJobStatus(task.message, kind)
 
     def onCancel(self):
-        if self.logic is not None and self.logic.busy:
+        if self.logic is not None and self.logic.jobRunning:
             self.logic.cancel()
             self.onPoll()
 
+    def checkPackages(self):
+        """What the engine lacks in Slicer's Python (shown first in the status line, until it is installed)."""
+        self._packagesProblem = (self.logic.dependencies.whyEngineCannotRun()
+                                 if paths.engineRunsInSlicerPython() else "")
+
     def onDependencies(self):
+        if self.logic.busy:
+            return
         if not self.logic.dependencies.check():
+            self.checkPackages()
             self.setJobStatus("All engine packages are installed.", "done")
             return
+        waitCursor = []
+
+        def confirmThenShowBusy(question):
+            """After a yes, the panel shows the busy state before pip starts (it keeps the GUI alive meanwhile)."""
+            if not slicer.util.confirmOkCancelDisplay(question):
+                return False
+            self.setJobStatus("Installing the engine packages… this can take several minutes; the other buttons "
+                              "wait until it ends.", "info")
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            waitCursor.append(True)
+            slicer.app.processEvents()
+            return True
+
         try:
-            result = self.logic.dependencies.install(confirm=slicer.util.confirmOkCancelDisplay)
-            self.setJobStatus(result.message, "warning" if result.declined else "done")
+            result = self.logic.installDependencies(confirm=confirmThenShowBusy)
+            self._jobStatus = (result.message, "warning" if result.declined else "done")
         except Exception as err:
-            self.setJobStatus(f"Installing the engine packages failed: {err}", "error")
+            logging.exception("MiMSlicer: installing the engine packages failed")
+            self._jobStatus = (f"Installing the engine packages failed: {err}", "error")
+        finally:
+            if waitCursor:
+                qt.QApplication.restoreOverrideCursor()
+        self.checkPackages()
+        self.updateButtons()
 
     # -- reconstruction browser ------------------------------------------------------------------------------
     def _layerRadios(self):
@@ -367,6 +472,13 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.currentIndex = 0
             self.onLevelChanged()
 
+    def onClearReconstructions(self):
+        if self.logic.busy:
+            return
+        removed = self.logic.removeEarlierReconstructions()
+        self.setJobStatus(f"Removed {removed} earlier reconstruction run(s)." if removed
+                          else "There is no earlier reconstruction run in the scene.", "done" if removed else "info")
+
     def onLevelChanged(self, *_):
         result, combo = self.logic.reconstruction, self.ui.levelComboBox
         if result is None or combo.currentIndex < 0:
@@ -386,6 +498,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         layer = next(name for name, radio in self._layerRadios().items() if radio.checked)
         self.logic.showReconstructionView(combo.itemData(combo.currentIndex), views.currentRow, layer)
+
+
+def _show(widget, name, value):
+    """Set a widget's property only when it differs (writing the same text again moves a line edit's cursor)."""
+    if getattr(widget, name) != value:
+        setattr(widget, name, value)
 
 
 class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
@@ -426,11 +544,14 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
 
 class MiMSlicerTest(ScriptedLoadableModuleTest):
     """Desktop Slicer only (Reload and Test, or ctest through slicer_add_python_unittest): what the headless tests
-    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py."""
+    in Testing/slicer cannot reach. The cases live in MiMSlicerLib/desktopTests.py; they write only into a temporary
+    folder (MIMSLICER_HOME, MIMSLICER_TEMP), set before the first case runs and restored after."""
 
     def setUp(self):
         slicer.mrmlScene.Clear(0)
 
-    def runTest(self):
+    def runTest(self):  # Slicer calls runTest() alone
         from MiMSlicerLib import desktopTests
-        desktopTests.run(self)
+        self.setUp()
+        with desktopTests.ownFolders() as folder:
+            desktopTests.run(self, folder)

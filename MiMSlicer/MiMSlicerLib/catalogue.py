@@ -1,5 +1,5 @@
 """The model catalogue: models shipped with the extension (Resources/models.json) plus the user's own models
-(<user data>/models.json: fine-tuned here, or checkpoints added by hand). Both files follow
+(<user data>/models.json, see paths.userDataDir: fine-tuned here, or checkpoints added by hand). Both files follow
 Resources/models-schema.json and are validated on every read and write."""
 import datetime
 import json
@@ -19,9 +19,15 @@ class CatalogueError(ValueError):
 class ModelCatalogue:
     def __init__(self, builtinPath=None, userPath=None, schemaPath=None):
         self.builtinPath = builtinPath or paths.resourcePath("models.json")
-        self.userPath = userPath or os.path.join(paths.userDataDir(), "models.json")
+        self._userPath = userPath
         with open(schemaPath or paths.resourcePath("models-schema.json"), encoding="utf-8") as f:
             self.schema = json.load(f)
+
+    @property
+    def userPath(self):
+        """The user's catalogue file: the one given, or <user data>/models.json as MIMSLICER_HOME says now (so a
+        catalogue made before a test points MIMSLICER_HOME elsewhere follows it)."""
+        return self._userPath or os.path.join(paths.userDataDir(), "models.json")
 
     # -- reading ---------------------------------------------------------------------------------------------
     def entries(self, task=None):

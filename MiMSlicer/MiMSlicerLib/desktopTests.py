@@ -4,42 +4,66 @@ What the headless tests in Testing/slicer cannot reach: the real PythonQt/CTK wi
 module's panel inside Slicer's main window, the engine run by PythonSlicer (Slicer's own Python with its own
 packages), slice views and plot views of the layout. A synthetic phantom CT keeps it offline; engine steps are
 skipped, with a message, when the engine packages are not installed (a test never installs anything)."""
+import contextlib
 import os
 import tempfile
 import time
 
 import numpy as np
+import qt
 import slicer
 
 from . import dependencies, finetuneDataset, jobs, paths, tasks
 
 
-def run(test):
-    """Entry point called by MiMSlicerTest.runTest()."""
+@contextlib.contextmanager
+def ownFolders():
+    """MIMSLICER_HOME and MIMSLICER_TEMP in a temporary folder while the cases run, then as they were. Reload and
+    Test makes the panel first: its catalogue reads MIMSLICER_HOME whenever it is used, and its model list is read
+    again on the way in and out, so a test never writes into, nor shows, the user's catalogue."""
+    saved = {name: os.environ.get(name) for name in ("MIMSLICER_HOME", "MIMSLICER_TEMP")}
+    with tempfile.TemporaryDirectory(prefix="MiMSlicerTest-") as folder:
+        for name, sub in (("MIMSLICER_HOME", "home"), ("MIMSLICER_TEMP", "jobs")):
+            os.environ[name] = os.path.join(folder, sub)
+            os.makedirs(os.environ[name])
+        _refreshPanel()
+        try:
+            yield folder
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _refreshPanel()
+
+
+def _refreshPanel():
+    widget = getattr(slicer.modules, "MiMSlicerWidget", None)  # the panel, once Slicer has made it
+    if widget is not None:
+        widget.refreshModels()
+
+
+def run(test, folder):
+    """Entry point called by MiMSlicerTest.runTest() inside ownFolders(): `folder` is the temporary folder."""
     test.delayDisplay("MiMSlicer: widget from the .ui in Slicer")
     testWidget(test)
     missing = dependencies.Dependencies().check()
     if missing:
         test.delayDisplay("Engine packages missing, engine tests skipped: " + ", ".join(r.describe() for r in missing))
         return
-    with tempfile.TemporaryDirectory(prefix="MiMSlicerTest-") as folder:
-        os.environ["MIMSLICER_HOME"] = os.path.join(folder, "home")
-        os.environ["MIMSLICER_TEMP"] = os.path.join(folder, "jobs")
-        try:
-            checkpoint = pretrainTiny(test, folder)
-            testExploreInLayout(test, checkpoint)
-            testFinetuneAndSegmentInLayout(test, checkpoint)
-            testCancel(test, checkpoint)
-            test.assertEqual(os.listdir(os.environ["MIMSLICER_TEMP"]), [], "temporary job folders left behind")
-        finally:
-            os.environ.pop("MIMSLICER_HOME", None)
-            os.environ.pop("MIMSLICER_TEMP", None)
+    checkpoint = pretrainTiny(test, folder)
+    testExploreInLayout(test, checkpoint)
+    testFinetuneAndSegmentInLayout(test, checkpoint)
+    testCancel(test, checkpoint)
+    test.assertEqual(os.listdir(os.environ["MIMSLICER_TEMP"]), [], "temporary job folders left behind")
     test.delayDisplay("MiMSlicer: all desktop tests passed")
 
 
 def testWidget(test):
     slicer.util.selectModule("MiMSlicer")
     widget = slicer.util.getModuleWidget("MiMSlicer")
+    test.assertTrue(widget.logic.catalogue.userPath.startswith(os.environ["MIMSLICER_HOME"]))
     for name in ("inputVolumeSelector", "modelComboBox", "checkpointPathLineEdit", "reconstructButton", "levelComboBox",
                  "viewListWidget", "segmentButton", "casesListWidget", "finetuneButton", "cancelButton", "progressBar"):
         test.assertTrue(hasattr(widget.ui, name), name)
@@ -132,8 +156,12 @@ def testFinetuneAndSegmentInLayout(test, checkpoint):
     labelledCase("Case A", 0)
     caseB, _ = labelledCase("Case B", 4)
     widget.refreshCases()
+    test.assertEqual(widget.ui.casesListWidget.count, 2)  # offered, not ticked: made by a script, not drawn here
+    for row in range(2):
+        widget.ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     test.assertEqual(len(widget.checkedCases()), 2)
     widget.ui.checkpointPathLineEdit.currentPath = checkpoint
+    widget.ui.minutesSpinBox.value = 0  # no time limit: 2 steps
     widget.ui.stepsSpinBox.value = 2
     widget.ui.finetuneButton.click()
     test.assertIsNotNone(slicer.app.layoutManager().plotWidget(0))

@@ -4,6 +4,8 @@ import html
 import os
 import re
 
+NO_VOLUME = ("Choose a CT volume in step 1 (none loaded? The Sample Data module has CT volumes to try, e.g. "
+             "CTChest).")
 KIND_TEXT = {"pretraining": "MiM pre-training checkpoint", "segmentation": "Segmentation model (fine-tuned)"}
 
 
@@ -71,13 +73,17 @@ class SelectedModel:
             parts.append('<span style="color:#b00020">The model file is missing: ' + html.escape(self.path) + "</span>")
         return "<br>".join(p for p in parts if p)
 
-    def startFromText(self):
-        return self.name if self.canReconstruct and self.exists else "— choose a pre-trained model in step 1"
+    def startFromText(self, fromScratch=False):
+        if fromScratch:
+            return "nothing: the network learns from your cases alone (pre-training usually helps with few cases)"
+        if self.canReconstruct and self.exists:
+            return self.name
+        return "— choose a pre-trained model in step 1, or train with no pre-training"
 
 
 def whyNotReconstruct(volume, model):
     if volume is None:
-        return "Choose a CT volume in step 1."
+        return NO_VOLUME
     if model.task is None:
         return "Choose a MiM pre-trained model in step 1."
     if not model.canReconstruct:
@@ -87,7 +93,7 @@ def whyNotReconstruct(volume, model):
 
 def whyNotSegment(volume, model):
     if volume is None:
-        return "Choose a CT volume in step 1."
+        return NO_VOLUME
     if model.task == "pretraining":
         return "The selected model is a pre-trained encoder: fine-tune it in step 4 to get a segmentation model."
     if model.task is None or not model.canSegment:
@@ -95,11 +101,11 @@ def whyNotSegment(volume, model):
     return "" if model.exists else _missing(model)
 
 
-def whyNotFinetune(model, plan, modelName):
-    if model.canReconstruct and not model.exists and model.path:
+def whyNotFinetune(model, plan, modelName, fromScratch=False):
+    if not fromScratch and model.canReconstruct and not model.exists and model.path:
         return _missing(model)
-    if not (model.canReconstruct and model.exists):
-        return "Choose the pre-trained model to start from in step 1."
+    if not fromScratch and not (model.canReconstruct and model.exists):
+        return "Choose the pre-trained model to start from in step 1, or tick 'No pre-training' in step 4."
     if not plan.ok:
         return plan.problems[0]
     return "" if modelName.strip() else "Name the new model."

@@ -48,15 +48,23 @@ def enginePython():
     return sys.executable
 
 
+def engineRunsInSlicerPython():
+    """True unless MIMSLICER_PYTHON points the engine to another Python (whose packages are not Slicer's)."""
+    return not os.environ.get("MIMSLICER_PYTHON")
+
+
 def userDataDir():
-    """Per-user folder for the model catalogue and fine-tuned models (created on demand)."""
-    path = os.environ.get("MIMSLICER_HOME")
-    if not path:
-        settingsFile = getattr(slicer.app, "slicerUserSettingsFilePath", "") if _insideSlicerApplication() else ""
-        path = (os.path.join(os.path.dirname(settingsFile), "MiMSlicer") if settingsFile
-                else os.path.join(os.path.expanduser("~"), ".mimslicer"))
+    """Per-user folder for the model catalogue, fine-tuned and downloaded models: ~/.mimslicer, or MIMSLICER_HOME
+    (created on demand). Not Slicer's settings folder, which is in the roaming profile on Windows (every model would
+    be copied at each log-in), nor its cache folder, which users clear."""
+    path = os.environ.get("MIMSLICER_HOME") or os.path.join(os.path.expanduser("~"), ".mimslicer")
     os.makedirs(path, exist_ok=True)
     return path
+
+
+def modelsDir():
+    """Where fine-tuned models are kept, one folder per model id."""
+    return os.path.join(userDataDir(), "models")
 
 
 def temporaryRoot():

@@ -1,7 +1,10 @@
 """MiM reconstructions in the scene: `engine reconstruct` writes, per level and view, the original, masked input,
 reconstruction, error map and mask as R^3 NIfTI grids placed at their true RAS position, plus index.json. Here
 every view becomes volume nodes at that place (fine views inside middle views inside the coarse view), its box a
-markups ROI, each level's masks one segmentation; `show()` switches what the slice views display."""
+markups ROI, each level's masks one segmentation; `show()` switches what the slice views display.
+
+A run adds some 30 nodes (4 volumes per view): all are hidden from editors, so no node selector of Slicer lists
+them, and they live in the run's subject-hierarchy folder, which the Data module shows; `removeRuns` deletes runs."""
 import json
 import os
 
@@ -153,7 +156,8 @@ def loadReconstruction(scene, outDir, sourceVolume):
 def _loadView(scene, shNode, outDir, result, view):
     prefix = f"MiM L{view.level.level} V{view.index + 1}"
     for layer in LAYERS:
-        node = volumeIO.readVolume(scene, os.path.join(outDir, view.files[layer]), f"{prefix} {LAYER_TITLES[layer].lower()}")
+        node = volumeIO.readVolume(scene, os.path.join(outDir, view.files[layer]), f"{prefix} {LAYER_TITLES[layer].lower()}",
+                                   hidden=True)
         node.SetAttribute(ATTRIBUTE, f"{view.level.level}/{view.index}/{layer}")
         if layer != "error":
             _styleVolume(scene, node, layer, result, None)
@@ -189,7 +193,7 @@ def _errorDisplayRange(result):
 
 
 def _addBox(scene, name, view, colour):
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    roi = hierarchy.addNode(scene, "vtkMRMLMarkupsROINode", name, hidden=True)
     roi.SetXYZ(*view.center)
     roi.SetRadiusXYZ(*((view.boxMax - view.boxMin) / 2))
     roi.SetLocked(True)
@@ -206,7 +210,7 @@ def _addBox(scene, name, view, colour):
 
 def _loadMasks(scene, shNode, outDir, lv):
     """One segmentation per level, one segment per view (where the view's voxels were masked)."""
-    segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"MiM L{lv.level} masks")
+    segmentationNode = hierarchy.addNode(scene, "vtkMRMLSegmentationNode", f"MiM L{lv.level} masks", hidden=True)
     segmentationNode.CreateDefaultDisplayNodes()
     segmentationNode.SetAttribute(ATTRIBUTE, f"{lv.level}/masks")
     colour = LEVEL_COLOURS.get(lv.level, (1, 1, 1))
@@ -233,6 +237,23 @@ def _loadMasks(scene, shNode, outDir, lv):
     display.SetVisibility(False)
     hierarchy.moveUnder(scene, segmentationNode, lv.folderItem)
     lv.maskSegmentation = segmentationNode
+
+
+def runFolders(scene):
+    """The subject-hierarchy folder of every reconstruction run in the scene, oldest first."""
+    return sorted(hierarchy.itemsWithAttribute(scene, ATTRIBUTE), key=lambda item: item)
+
+
+def removeRuns(scene, keep=None):
+    """Delete every reconstruction run but `keep` (a Reconstruction, or None: all): nodes, display and storage
+    nodes, folders. Returns how many runs were removed."""
+    shNode = hierarchy.shNode(scene)
+    folders = [f for f in runFolders(scene) if keep is None or f != keep.folderItem]
+    for folder in folders:
+        for node in hierarchy.dataNodesUnder(scene, folder):
+            volumeIO.removeNode(scene, node)
+        shNode.RemoveItem(folder, False, True)
+    return len(folders)
 
 
 def _colourNodeByName(scene, name):

@@ -4,11 +4,15 @@ import time
 
 import slicer
 
-from . import finetuneDataset, modelChoice, tasks
+from . import finetuneDataset, modelChoice, paths, reconstruction, tasks
 from .catalogue import ModelCatalogue
 from .dependencies import Dependencies
 
 FILE_CHOICE = "file"
+
+
+class JobRefused(RuntimeError):
+    """A job was not started: another one runs, packages are being installed, or the engine lacks packages."""
 
 
 class Session:
@@ -17,6 +21,7 @@ class Session:
         self.dependencies = Dependencies()
         self.task = None
         self.reconstruction = None
+        self.installing = False
 
     # -- models and cases ------------------------------------------------------------------------------------
     def catalogueEntries(self):
@@ -52,8 +57,24 @@ class Session:
 
     # -- jobs ------------------------------------------------------------------------------------------------
     @property
-    def busy(self):
+    def jobRunning(self):
         return self.task is not None and self.task.running
+
+    @property
+    def busy(self):
+        """A job runs, or packages are being installed: nothing else may start."""
+        return self.jobRunning or self.installing
+
+    def installDependencies(self, confirm):
+        """Install the missing engine packages (asks through `confirm` first); busy meanwhile, since Slicer's
+        pip_install keeps the GUI alive while it runs, so the panel's buttons could be clicked."""
+        if self.busy:
+            raise JobRefused(self._busyMessage())
+        self.installing = True
+        try:
+            return self.dependencies.install(confirm)
+        finally:
+            self.installing = False
 
     def startDownload(self, entry):
         return self._start(tasks.DownloadTask(slicer.mrmlScene, entry["url"], self.catalogue.localFile(entry),
@@ -66,20 +87,32 @@ class Session:
     def startSegmentation(self, volume, model, labels=None, device="auto"):
         return self._start(tasks.SegmentTask(slicer.mrmlScene, volume, model, labels=labels, device=device))
 
-    def startFinetune(self, cases, pretrained, modelName, preset="tiny", steps=200, device="auto", pretrainedLabel=None):
+    def startFinetune(self, cases, pretrained, modelName, preset="tiny", steps=None, device="auto", pretrainedLabel=None,
+                      minutes=None):
+        """Fine-tune on `cases`; `minutes`: train for that long (engine `--time-limit`), `steps`: at most that many
+        (None or 0: the engine's recipe decides)."""
         return self._start(tasks.FinetuneTask(slicer.mrmlScene, cases, self.planLabels(cases), pretrained,
                                               modelName.strip(), self.catalogue, preset=preset, steps=steps,
-                                              device=device, pretrainedLabel=pretrainedLabel))
+                                              device=device, pretrainedLabel=pretrainedLabel, minutes=minutes))
 
     def _start(self, task):
         if self.busy:
-            raise RuntimeError("Another MiMSlicer job is running; wait for it or cancel it.")
+            raise JobRefused(self._busyMessage())
+        if task.usesEngine and paths.engineRunsInSlicerPython():
+            problem = self.dependencies.whyEngineCannotRun()
+            if problem:
+                raise JobRefused(problem)
         self.task = task
         return task.start()
 
+    def _busyMessage(self):
+        if self.installing:
+            return "The engine packages are being installed; wait until that ends."
+        return "Another MiMSlicer job is running; wait for it or cancel it."
+
     def poll(self):
         """New events of the current job (the widget calls this from its QTimer)."""
-        if not self.busy:
+        if not self.jobRunning:
             return []
         events = self.task.poll()
         if self.task.state == tasks.DONE and isinstance(self.task, tasks.ReconstructTask):
@@ -89,7 +122,7 @@ class Session:
     def wait(self, timeout=None):
         """Run the current job to its end (scripts and tests), with the same effects as polling it from the GUI."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.busy:
+        while self.jobRunning:
             self.poll()
             if deadline is not None and time.monotonic() > deadline:
                 self.cancel()
@@ -98,8 +131,12 @@ class Session:
         return self.task
 
     def cancel(self):
-        if self.busy:
+        if self.jobRunning:
             self.task.cancel()
+
+    def removeEarlierReconstructions(self):
+        """Delete every reconstruction run in the scene but the one shown; returns how many were deleted."""
+        return reconstruction.removeRuns(slicer.mrmlScene, keep=self.reconstruction)
 
     def showReconstructionView(self, level, viewIndex, layer="reconstruction"):
         if self.reconstruction is None:

@@ -19,11 +19,15 @@ from .trainingPlot import TrainingPlot
 log = logging.getLogger("MiMSlicer")
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+# What a fine-tuned model keeps of its run folder: the model (weights, labels, grid: all that `engine infer` reads)
+# and config.yaml (a few lines: the settings it was trained with, and how the panel tells what a checkpoint is)
+MODEL_FILES = ("model.pt", "config.yaml")
 
 
 class Task(abc.ABC):
     kind = "job"
     title = "Engine job"
+    usesEngine = True  # runs `python -m engine`: needs the engine's packages
 
     def __init__(self, scene, device="auto"):
         self.scene = scene
@@ -120,10 +124,14 @@ class Task(abc.ABC):
         parts = [f"{self.title}: step {self.step} of {self.total}"]
         if isinstance(self.lastLoss, (int, float)):
             parts.append(f"loss {self.lastLoss:.3f}")
-        if 0 < self.step < self.total and self.startTime is not None:
-            left = (time.monotonic() - self.startTime) / self.step * (self.total - self.step)
-            parts.append(f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left")
-        return " · ".join(parts)
+        return " · ".join(parts + self._timeLeft(self.step, self.total))
+
+    def _timeLeft(self, done, total):
+        """['about N min left'] from the pace so far, or [] before the first unit of work or after the last."""
+        if not 0 < done < total or self.startTime is None:
+            return []
+        left = (time.monotonic() - self.startTime) / done * (total - done)
+        return [f"about {left / 60:.0f} min left" if left >= 90 else f"about {left:.0f} s left"]
 
     # -- internals -------------------------------------------------------------------------------------------
     def _handle(self, event):
@@ -199,6 +207,25 @@ class SegmentTask(Task):
         super().__init__(scene, device)
         self.volumeNode, self.model, self.labels = volumeNode, model, labels
         self.name = name or f"{volumeNode.GetName()} MiM segmentation"
+        self.windowsDone, self.windows = 0, 0
+
+    def onEvent(self, event):
+        """`engine infer` reports the sliding window's progress inside the volume ('windows' events)."""
+        if event.get("event") == "windows":
+            self.windowsDone, self.windows = int(event.get("done") or 0), int(event.get("windows") or 0)
+            self.message = self.progressText()
+
+    @property
+    def fraction(self):
+        if self.windows and self.state == RUNNING:
+            return min(1.0, self.windowsDone / self.windows)
+        return super().fraction
+
+    def progressText(self):
+        if not self.windows:
+            return super().progressText()
+        parts = [f"{self.title}: {self.windowsDone} of {self.windows} windows"]
+        return " · ".join(parts + self._timeLeft(self.windowsDone, self.windows))
 
     def prepare(self, folder):
         image = self.writeInput(self.volumeNode, os.path.join(folder, "input.nii"))
@@ -237,10 +264,11 @@ class FinetuneTask(Task):
     title = "Fine-tuning"
 
     def __init__(self, scene, cases, plan, pretrained, modelName, catalogue, preset="tiny", steps=None,
-                 device="auto", pretrainedLabel=None):
+                 device="auto", pretrainedLabel=None, minutes=None):
         super().__init__(scene, device)
         self.cases, self.plan, self.pretrained = cases, plan, pretrained or "none"
         self.modelName, self.catalogue, self.preset, self.steps = modelName, catalogue, preset, steps
+        self.minutes = minutes  # train for this long (`--time-limit`; None or 0: as many steps as the recipe says)
         self.pretrainedLabel = pretrainedLabel or self.pretrained
         self.plot = None
         self.lastDice = None
@@ -252,7 +280,25 @@ class FinetuneTask(Task):
                 "--out", os.path.join(folder, "run"), "--device", self.device]
         if self.steps:
             args += ["--steps", int(self.steps)]
+        if self.minutes:
+            args += ["--time-limit", int(self.minutes)]
         return jobs.engineCommand("finetune", *args)
+
+    @property
+    def fraction(self):
+        """Steps done, or time used of the time limit, whichever is further."""
+        if not self.minutes or self.startTime is None or self.state != RUNNING:
+            return super().fraction
+        return max(super().fraction, min(1.0, (time.monotonic() - self.startTime) / (60 * self.minutes)))
+
+    def progressText(self):
+        if not self.minutes or self.startTime is None:
+            return super().progressText()
+        parts = [f"{self.title}: step {self.step}"] if self.step else [f"{self.title}: starting"]
+        if isinstance(self.lastLoss, (int, float)):
+            parts.append(f"loss {self.lastLoss:.3f}")
+        used = (time.monotonic() - self.startTime) / 60
+        return " · ".join(parts + [f"{min(used, self.minutes):.0f} of {self.minutes} min"])
 
     def onEvent(self, event):
         if self.plot is not None:
@@ -269,14 +315,16 @@ class FinetuneTask(Task):
         if not os.path.isfile(os.path.join(run, "model.pt")):
             raise RuntimeError("the engine did not write run/model.pt")
         modelID = self.catalogue.uniqueID(self.modelName)
-        destination = os.path.join(paths.userDataDir(), "models", modelID)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        shutil.move(run, destination)
+        destination = os.path.join(paths.modelsDir(), modelID)
+        os.makedirs(destination, exist_ok=True)
+        for name in MODEL_FILES:  # what segmenting needs; the training state (checkpoint.pt) and logs go
+            shutil.move(os.path.join(run, name), os.path.join(destination, name))
         entry = {"id": modelID, "name": self.modelName, "task": "segmentation", "labels": dict(self.plan.labels),
                  "spacing": _runSpacing(destination), "preset": self.preset,
                  "file": os.path.join(destination, "model.pt"), "pretrained": self.pretrainedLabel,
                  "trainingCases": len(self.cases),
-                 "description": f"Fine-tuned in Slicer on {len(self.cases)} case(s) from {self.pretrainedLabel}."}
+                 "description": f"Fine-tuned in Slicer on {len(self.cases)} case(s) " +
+                                ("from scratch." if self.pretrained == "none" else f"from {self.pretrainedLabel}.")}
         if self.lastDice is not None and self.lastDice == self.lastDice:
             entry["validationDice"] = round(self.lastDice, 4)
         try:
@@ -338,6 +386,7 @@ class DownloadTask(Task):
     has one). The partial file lives in the job's temporary folder, so Cancel leaves nothing behind."""
     kind = "download"
     title = "Model download"
+    usesEngine = False  # the Python standard library only
 
     def __init__(self, scene, url, target, sha256=""):
         super().__init__(scene)

@@ -9,6 +9,8 @@ import numpy as np
 import vtk
 import slicer
 
+from . import hierarchy
+
 
 def writeVolume(volumeNode, path):
     """Write a scalar or labelmap volume (NIfTI/NRRD by extension). Linear world transforms are not applied: the
@@ -44,10 +46,10 @@ def regularised(volumeNode):
     return copy
 
 
-def readVolume(scene, path, name, className="vtkMRMLScalarVolumeNode"):
+def readVolume(scene, path, name, className="vtkMRMLScalarVolumeNode", hidden=False):
     """A new volume node (with display node) filled from a file. The node keeps no link to the file, so the
-    file may be deleted afterwards; saving the scene writes the data anew."""
-    node = scene.AddNewNodeByClass(className, name)
+    file may be deleted afterwards; saving the scene writes the data anew. `hidden`: kept out of node selectors."""
+    node = hierarchy.addNode(scene, className, name, hidden)
     readVolumeInto(node, path)
     node.CreateDefaultDisplayNodes()
     return node

@@ -14,6 +14,7 @@ from engine_testing import write_dicom_series
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.imageio.volumes import read_input
+from engine.inference.preflight import count_windows
 from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import save_checkpoint
@@ -44,9 +45,12 @@ def test_sliding_window_reproduces_a_pointwise_predictor_exactly():
     expected = torch.sigmoid(torch.cat([-80.0 * (x - 0.5), 80.0 * (x - 0.5)], 1))[0]
     model = Threshold(0.5)
     for tta in (False, True):
-        probs = sliding_window_probabilities(model, x, roi=16, overlap=0.5, sw_batch_size=3, tta=tta)
+        forwards = []  # windows per forward, as reported for progress
+        probs = sliding_window_probabilities(model, x, roi=16, overlap=0.5, sw_batch_size=3, tta=tta,
+                                             on_windows=forwards.append)
         assert probs.shape == (2, 37, 20, 9)
         assert torch.allclose(probs, expected, atol=1e-5)
+        assert sum(forwards) == count_windows((37, 20, 9), 16, 0.5) * (4 if tta else 1) and max(forwards) <= 3
 
 
 def _phantom(size, spacing, direction, origin=(-40.0, 25.0, 300.0)) -> tuple[sitk.Image, np.ndarray]:
@@ -151,6 +155,10 @@ def test_label_names_and_values_survive_to_the_output(constant_model, tmp_path, 
                  "--output", str(out), "--progress", "json", "--probabilities"]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert events[-1]["event"] == "done" and events[-1]["path"] == str(out)
+    windows = [e for e in events if e["event"] == "windows"]  # progress inside the volume, before its step event
+    assert windows and [e["done"] for e in windows] == sorted({e["done"] for e in windows})
+    assert windows[-1]["done"] == windows[-1]["windows"] and windows[-1]["path"] == str(source)
+    assert events.index(windows[-1]) < next(i for i, e in enumerate(events) if e["event"] == "step")
     sidecar = json.loads((tmp_path / "pred" / "case.json").read_text())
     assert sidecar["labels"] == {"liver": 1, "spleen": 5}
     assert set(sidecar["probabilities"]) == {"liver", "spleen"}

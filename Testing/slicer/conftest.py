@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +42,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if Path(str(item.fspath)).resolve().parent == HERE:
                 item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def failOnCallbackExceptions():
+    """An exception raised inside a Qt slot, a QTimer callback or a VTK observer does not reach the test: PySide6 and
+    VTK hand it to sys.excepthook and carry on (PythonQt in Slicer prints it and carries on too). Collect them and
+    fail the test that raised them."""
+    raised, saved = [], sys.excepthook
+    sys.excepthook = lambda kind, value, tb: raised.append("".join(traceback.format_exception(kind, value, tb)))
+    try:
+        yield raised
+    finally:
+        sys.excepthook = saved
+    if raised:
+        pytest.fail("exception(s) inside Qt slots or VTK observers:\n" + "\n".join(raised), pytrace=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,10 +1,12 @@
 """Model catalogue (schema-validated, shipped + user parts), dependency handling behind one interface (nothing
 installed at import, asks first, PyTorch through PyTorchUtils), and the extension's build files."""
+import importlib.metadata
 import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,29 +98,85 @@ def test_requirements_match_the_engine_package():
 def test_versions_are_compared_by_release_numbers():
     assert dependencies.versionSatisfies("2.13.0+cpu", ">=2.2")
     assert dependencies.versionSatisfies("1.5.2", ">=1.4,<1.7") and not dependencies.versionSatisfies("1.7.0", ">=1.4,<1.7")
+    assert dependencies.versionSatisfies("2.5.0+cu121", ">=2.5") and not dependencies.versionSatisfies("2.4.1", ">=2.5")
     assert not dependencies.versionSatisfies("1.26.4", ">=2")
+
+
+def test_floors_match_the_code_and_nothing_has_an_upper_bound():
+    """torch 2.5: torch.serialization.safe_globals (torch.amp.custom_fwd(device_type=) needs 2.4); MONAI 1.5: SwinUNETR
+    without img_size. An upper bound would make pip downgrade a package that Slicer or another extension uses."""
+    assert dependencies.REQUIREMENTS["torch"] == ">=2.5" and dependencies.REQUIREMENTS["monai"] == ">=1.5"
+    assert all("<" not in spec and "==" not in spec for spec in dependencies.REQUIREMENTS.values())
+    readme = (REPO / "README.md").read_text()
+    assert all(f"{name}{spec}" in readme for name, spec in dependencies.REQUIREMENTS.items())
 
 
 def test_install_asks_first_and_uses_pytorchutils_for_torch():
     calls = []
-    deps = dependencies.Dependencies({"torch": ">=99", "definitely-not-installed-pkg": ">=1", "numpy": ">=1"},
-                                     pipInstall=lambda spec: calls.append(("pip", spec)),
+    deps = dependencies.Dependencies({"torch": ">=99", "definitely-not-installed-pkg": ">=1", "nibabel": ">=1"},
+                                     pipInstall=lambda args: calls.append(("pip", args[0])),
                                      torchInstaller=lambda spec: calls.append(("torch", spec)))
     assert [r.name for r in deps.check()] == ["torch", "definitely-not-installed-pkg"]
     assert "torch >=99 (found" in deps.summary()
     declined = deps.install(confirm=lambda question: False)
     assert declined.declined and calls == [] and "Nothing was installed" in declined.message
     with pytest.raises(RuntimeError, match="did not succeed"):  # the fakes install nothing: said so, not hidden
-        deps.install(confirm=lambda question: "PyTorch is large" in question)
+        deps.install(confirm=lambda question: "PyTorch is large" in question and "upgrade torch" in question)
     assert calls == [("torch", ">=99"), ("pip", "definitely-not-installed-pkg>=1")]
+
+
+def test_pip_adds_what_is_missing_and_may_change_nothing_installed(tmp_path):
+    """One pip run for the missing packages (torch aside), with every other installed distribution pinned to its
+    version in a constraints file: pip may add packages, never replace one that Slicer or an extension uses."""
+    seen = {}
+
+    def pip(args):
+        seen["args"] = args
+        seen["pins"] = set(Path(args[args.index("-c") + 1]).read_text().split())
+
+    versions = {"monai": None, "nibabel": "4.0.2", "tqdm": "4.66.0"}
+    deps = dependencies.Dependencies({"monai": ">=1.5", "nibabel": ">=5", "tqdm": ">=4.60"}, pipInstall=pip,
+                                     versionOf=versions.get,
+                                     installedPins=lambda: [("numpy", "2.0.2"), ("nibabel", "4.0.2"), ("vtk", "9.4.0")])
+    questions = []
+    with pytest.raises(RuntimeError, match="did not succeed"):
+        deps.install(confirm=lambda q: questions.append(q) or True)
+    assert seen["args"][:2] == ["monai>=1.5", "nibabel>=5"] and seen["args"][2] == "-c"
+    assert seen["pins"] == {"numpy==2.0.2", "vtk==9.4.0"}  # nibabel is the one being upgraded
+    assert not os.path.exists(seen["args"][3])
+    assert "install monai >=1.5" in questions[0] and "upgrade nibabel 4.0.2 to >=5" in questions[0]
+    assert "Slicer's own packages included, stays as it is" in questions[0]
+
+
+def test_slicer_own_packages_are_checked_never_installed(monkeypatch):
+    calls = []
+    deps = dependencies.Dependencies({"numpy": ">=1.24", "monai": ">=1.5"}, versionOf={"numpy": "1.22.4"}.get,
+                                     pipInstall=calls.append, torchInstaller=calls.append)
+    assert "numpy 1.22.4 (part of Slicer)" in deps.whyEngineCannotRun() and "Slicer 5.10" in deps.whyEngineCannotRun()
+    with pytest.raises(RuntimeError, match="part of Slicer"):
+        deps.install(confirm=lambda q: True)
+    assert calls == []
+    # a Slicer build may install SimpleITK without package metadata: importable counts as present
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: (_ for _ in ()).throw(
+        importlib.metadata.PackageNotFoundError(name)) if name == "SimpleITK" else real(name))
+    assert dependencies.installedVersion("SimpleITK") == dependencies.BUILT_IN
+    assert dependencies.Requirement("SimpleITK", ">=2.3").satisfied
+    assert dependencies.installedVersion("definitely-not-installed-pkg") is None
+
+
+def test_every_engine_package_is_found_here():
+    """The harness's Python has the engine's packages at versions the floors accept (the engine tests run on it)."""
+    assert dependencies.Dependencies().check() == []
+    assert dependencies.Dependencies().whyEngineCannotRun() == ""
 
 
 def test_install_reports_when_slicer_must_restart():
     installed = set()
-    deps = dependencies.Dependencies({"numpy": ">=99"}, pipInstall=installed.add)
-    deps.check = lambda: [] if installed else [dependencies.Requirement("numpy", ">=99")]
+    deps = dependencies.Dependencies({"pytest": ">=99"}, pipInstall=lambda args: installed.add(args[0]))
+    deps.check = lambda: [] if installed else [dependencies.Requirement("pytest", ">=99")]
     result = deps.install(confirm=lambda q: True)
-    assert result.restartNeeded and "Restart Slicer" in result.message  # numpy is already imported here
+    assert result.restartNeeded and "Restart Slicer" in result.message  # pytest is already imported here
 
 
 def test_importing_the_module_installs_and_imports_nothing_heavy():
@@ -131,6 +189,31 @@ def test_importing_the_module_installs_and_imports_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", code, str(REPO / "Testing" / "slicer"), str(REPO / "MiMSlicer")],
                           capture_output=True, text=True, timeout=120, cwd=str(REPO / "Testing"))
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("version, refused", [((5, 8), True), ((5, 6), True), ((5, 10), False), ((6, 0), False)])
+def test_slicer_before_5_10_is_refused_at_load_in_one_line(version, refused):
+    """MiMSlicer.py loaded by a Slicer of `version` (fresh interpreter): before 5.10 (Python 3.9) it stops at once with
+    one line naming the version needed; from 5.10 it loads."""
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]];"
+            "import slicer_test_env; slicer = slicer_test_env.install();"
+            f"slicer.app.majorVersion, slicer.app.minorVersion = {version};"
+            "exec('try:\\n import MiMSlicer\\n print(\\'loaded\\')\\nexcept ImportError as e:\\n print(e)')")
+    done = subprocess.run([sys.executable, "-c", code, str(REPO / "Testing" / "slicer"), str(REPO / "MiMSlicer")],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO))  # not Testing/: see conftest
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0 and len(lines) == 1, done.stderr[-2000:]
+    if refused:
+        assert lines[0].startswith("MiM Slicer needs 3D Slicer 5.10 or newer") and f"Slicer {version[0]}.{version[1]} " in lines[0]
+    else:
+        assert lines[0] == "loaded"
+
+
+def test_what_an_old_slicer_reads_first_is_python_3_9():
+    """Slicer 5.6/5.8 (Python 3.9) must get as far as the version check: the module file and the check parse as 3.9."""
+    import ast
+    for path in (REPO / "MiMSlicer" / "MiMSlicer.py", REPO / "MiMSlicer" / "MiMSlicerLib" / "compatibility.py"):
+        ast.parse(path.read_text(), str(path), feature_version=(3, 9))
 
 
 # -- extension build files -------------------------------------------------------------------------------------

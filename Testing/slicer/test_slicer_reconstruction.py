@@ -127,3 +127,38 @@ def test_wrong_index_format_is_refused(scene, engineOutput, tmp_path):
         with SceneTransaction(scene):
             reconstruction.loadReconstruction(scene, str(odd), None)
     assert scene.GetNumberOfNodes() == nodesBefore
+
+
+def test_runs_stay_out_of_node_selectors_and_earlier_ones_can_be_removed(scene, chestCt, engineOutput):
+    """Each run adds ~30 nodes: hidden from editors, so Slicer's node selectors (here the harness stand-in, which
+    filters HideFromEditors as qMRMLNodeComboBox does) do not list them; they stay in the run's folder; a run's
+    removal takes its nodes, their display nodes and its folders; the run shown is kept."""
+    volume = loadVolume(chestCt, "chest")
+    selector = slicer.qMRMLNodeComboBox()
+    selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+    selector.setMRMLScene(scene)
+    segmentations = slicer.qMRMLNodeComboBox()
+    segmentations.nodeTypes = ["vtkMRMLSegmentationNode", "vtkMRMLMarkupsROINode"]
+    segmentations.setMRMLScene(scene)
+    shNode = hierarchy.shNode(scene)
+    before, itemsBefore, listed = scene.GetNumberOfNodes(), shNode.GetNumberOfItems(), selector.count()
+    runs = []
+    for _ in range(3):
+        with SceneTransaction(scene):
+            runs.append(reconstruction.loadReconstruction(scene, str(engineOutput), volume))
+    perRun = (scene.GetNumberOfNodes() - before) // 3
+    assert perRun > 28 and selector.count() == listed and segmentations.count() == 0
+    for view in runs[1].allViews():
+        for node in view.volumes.values():
+            assert node.GetHideFromEditors()
+            assert shNode.GetItemParent(shNode.GetItemByDataNode(node)) == view.level.folderItem
+    assert reconstruction.runFolders(scene) == [r.folderItem for r in runs]
+
+    assert reconstruction.removeRuns(scene, keep=runs[2]) == 2
+    assert scene.GetNumberOfNodes() == before + perRun
+    assert reconstruction.runFolders(scene) == [runs[2].folderItem]
+    assert all(not scene.IsNodePresent(n) for r in runs[:2] for n in r.nodes())
+    assert all(scene.IsNodePresent(n) for n in runs[2].nodes())
+    runs[2].show(scene, 3, 0, "error")  # the kept run still works
+    assert reconstruction.removeRuns(scene) == 1
+    assert scene.GetNumberOfNodes() == before and shNode.GetNumberOfItems() == itemsBefore

@@ -136,6 +136,7 @@ def test_finetune_from_scene_nodes_fills_the_plot_and_registers_a_model(finetune
     assert entry["spacing"] == [3.0, 3.0, 3.0] and entry["trainingCases"] == 2
     modelFile = finetuned["logic"].catalogue.localFile(entry)
     assert os.path.isfile(modelFile) and str(mimFolders["home"]) in modelFile
+    assert sorted(os.listdir(os.path.dirname(modelFile))) == ["config.yaml", "model.pt"]  # no training state
     assert not list(mimFolders["temp"].iterdir())
 
 

@@ -50,7 +50,7 @@ def test_empty_scene_tells_what_to_do_first(scene, tmp_path):
     widget = newWidget()
     ui = widget.ui
     assert not ui.reconstructButton.enabled and not ui.segmentButton.enabled and not ui.finetuneButton.enabled
-    assert "Choose a CT volume" in ui.statusLabel.text
+    assert "Choose a CT volume" in ui.statusLabel.text and "Sample Data" in ui.statusLabel.text
     assert "Choose a CT volume" in ui.reconstructButton.toolTip
     assert not ui.cancelButton.enabled
     assert imageHasContent(shot(widget, tmp_path, "panel_0_empty"))
@@ -80,11 +80,13 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     target = (low + high) / 2 + [15.0, -10.0, 5.0]
     crosshair.SetCrosshairRAS(*target)
     ui.centerOnCrosshairCheckBox.checked = True
+    volumesListed = ui.inputVolumeSelector.count
     ui.reconstructButton.click()
     assert logic.busy and ui.cancelButton.enabled and not ui.reconstructButton.enabled
     waitUntil(lambda: not logic.busy and not widget.timer.active)
     assert "Reconstruction loaded" in ui.statusLabel.text, ui.statusLabel.text
     assert ui.levelComboBox.count == 3 and ui.viewListWidget.count == 1
+    assert ui.inputVolumeSelector.count == volumesListed  # its ~30 volumes are hidden from node selectors
     coarse = logic.reconstruction.view(1, 0)
     assert np.allclose(coarse.center, target, atol=6.0), (coarse.center, target)  # within a voxel of the crop grid
     ui.levelComboBox.currentIndex = 2
@@ -99,11 +101,14 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     assert imageHasContent(shot(widget, tmp_path, "panel_1_explore"))
     renderSliceView(scene, "Red", tmp_path / "panel_1_explore_red_slice.png")
 
-    # 4 · Fine-tune on the two labelled cases found in the scene
-    assert ui.casesListWidget.count == 2
+    # 4 · Fine-tune on the two labelled cases found in the scene: offered, not ticked until the user ticks them
+    assert ui.casesListWidget.count == 2 and not widget.checkedCases() and not ui.labelPlanLabel.text
+    for row in range(2):
+        ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     assert "heart = 1" in ui.labelPlanLabel.text and "aorta = 2" in ui.labelPlanLabel.text
     assert ui.modelNameLineEdit.text == "heart + aorta"
     assert ui.startFromLabel.text == "checkpoint.pt"
+    ui.minutesSpinBox.value = 0  # no time limit: 2 steps (the engine's --time-limit is not there yet)
     ui.stepsSpinBox.value = 2
     assert ui.finetuneButton.enabled, ui.finetuneButton.toolTip
     ui.finetuneButton.click()
@@ -126,6 +131,7 @@ def test_every_panel_end_to_end(jobsFolder, scene, chestCt, chestCases, pretrain
     waitUntil(lambda: not logic.busy and not widget.timer.active)
     segmentation = logic.task.result
     assert logic.task.state == tasks.DONE, logic.task.message
+    assert logic.task.windowsDone == logic.task.windows > 0  # progress came window by window
     assert segmentation.GetSegmentation().GetNumberOfSegments() == 2
     assert "Segmented Case 2: heart, aorta" in ui.segmentResultLabel.text
     assert ui.casesListWidget.count == 3  # the model output is offered, unticked, for correction and training

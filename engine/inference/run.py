@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from engine.imageio.dicom import dicom_series
 from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.imageio.volumes import is_volume_file, read_input
-from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, dry_run_record
+from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, count_windows, dry_run_record
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import load_checkpoint
 from engine.runtime.device import amp_dtype, autocast, pick_device
@@ -75,15 +76,20 @@ class Segmentation:
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, roi: int, overlap: float = 0.5,
                                  sw_batch_size: int = 2, device: torch.device | None = None,
-                                 amp: torch.dtype | None = None, tta: bool = False) -> torch.Tensor:
-    """image [1, C, X, Y, Z] -> softmax probabilities [K, X, Y, Z] (float32, CPU), gaussian-blended windows."""
+                                 amp: torch.dtype | None = None, tta: bool = False,
+                                 on_windows: Callable[[int], None] | None = None) -> torch.Tensor:
+    """image [1, C, X, Y, Z] -> softmax probabilities [K, X, Y, Z] (float32, CPU), gaussian-blended windows.
+    `on_windows(n)` is called after each forward with the number of windows it ran."""
     device = device or torch.device("cpu")
     inferer = SlidingWindowInferer(roi_size=(roi,) * 3, sw_batch_size=sw_batch_size, overlap=overlap,
                                    mode="gaussian", sw_device=device, device=torch.device("cpu"))
 
-    def predict(x: torch.Tensor) -> torch.Tensor:
+    def predict(x: torch.Tensor) -> torch.Tensor:  # x: [windows, C, R, R, R]
         with autocast(device, amp):
-            return torch.softmax(model(x).float(), dim=1)
+            probs = torch.softmax(model(x).float(), dim=1)
+        if on_windows is not None:
+            on_windows(x.shape[0])
+        return probs
 
     model.eval()
     total = None
@@ -132,22 +138,30 @@ class SegmentationPredictor:
         return GridVolume(grid, volume, box)
 
     def predict_on_grid(self, image: sitk.Image, prepared: GridVolume, probabilities: bool = False,
-                        sw_batch_size: int | None = None) -> Segmentation:
-        """`predict` from the image's `model_grid`; `sw_batch_size` (windows per forward) overrides the settings'."""
+                        sw_batch_size: int | None = None,
+                        on_windows: Callable[[int], None] | None = None) -> Segmentation:
+        """`predict` from the image's `model_grid`; `sw_batch_size` (windows per forward) overrides the settings';
+        `on_windows(n)` after each forward of n windows (`windows(prepared)` of them in all)."""
         grid, volume, box = prepared.grid, prepared.volume, prepared.box
         probs = np.zeros((len(self.spec.labels), *volume.shape), dtype=np.float32)
         probs[0] = 1.0  # background outside the body box
-        probs[(slice(None), *box)] = self._probabilities(volume[box], sw_batch_size).numpy()
+        probs[(slice(None), *box)] = self._probabilities(volume[box], sw_batch_size, on_windows).numpy()
         index = sitk.GetArrayFromImage(back_to_input(probs, grid, image))
         labelmap = sitk.GetImageFromArray(self.spec.values[index].astype(_label_dtype(self.spec.values)))
         labelmap.CopyInformation(image)
         return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None)
 
-    def _probabilities(self, volume: np.ndarray, sw_batch_size: int | None = None) -> torch.Tensor:
+    def windows(self, prepared: GridVolume) -> int:
+        """Windows the network runs on for one volume, every test-time flip counted."""
+        box_size = tuple(s.stop - s.start for s in prepared.box)
+        return count_windows(box_size, self.spec.roi, self.settings.overlap) * self.passes
+
+    def _probabilities(self, volume: np.ndarray, sw_batch_size: int | None = None,
+                       on_windows: Callable[[int], None] | None = None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
         s = self.settings
         return sliding_window_probabilities(self.model, x, self.spec.roi, s.overlap, sw_batch_size or s.sw_batch_size,
-                                            self.device, self.amp, s.tta)
+                                            self.device, self.amp, s.tta, on_windows)
 
     def _probability_images(self, probs: np.ndarray, grid: sitk.Image, image: sitk.Image) -> dict[str, sitk.Image]:
         names = sorted(self.spec.labels, key=self.spec.labels.get)
@@ -228,7 +242,8 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
         check_volume(plan, source.name)
         _report_plan(plan, predictor.settings.sw_batch_size, source, reporter)
         sw_batch_size = plan.tile_batch
-    result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size)
+    windows = WindowProgress(reporter, source, predictor.windows(prepared))
+    result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size, windows)
     extra = {"source": str(source), "model": str(request.checkpoint), "tta": predictor.settings.tta,
              "seconds": round(time.perf_counter() - t0, 2)}
     if dicom is not None:
@@ -239,6 +254,21 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
             extra["probabilities"][name] = write_image_atomic(prob, probability_path(target, name)).name
     labels = {k: v for k, v in predictor.spec.labels.items() if v != 0}
     return write_labelmap(result.labelmap, target, labels, extra)
+
+
+class WindowProgress:
+    """Progress inside one volume: a `windows` event (done, of `windows`) about every 2% of its windows, so a
+    progress bar moves while a large CT is segmented."""
+
+    def __init__(self, reporter: Progress, source: Path, windows: int):
+        self.reporter, self.path, self.windows = reporter, str(source), windows
+        self.every, self.done, self.reported = max(1, windows // 50), 0, 0
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        if self.done - self.reported >= self.every or self.done >= self.windows:
+            self.reported = self.done
+            self.reporter.event("windows", path=self.path, done=self.done, windows=self.windows)
 
 
 def _report_plan(plan: VolumePlan, default_batch: int, source: Path, reporter: Progress) -> None:

@@ -1,5 +1,6 @@
 """Progress for people and programs: a tqdm bar on a terminal, or one JSON object per line on stdout
-(`--progress json`), which the Slicer module reads. Events: start, step, checkpoint, done, error."""
+(`--progress json`), which the Slicer module reads. Events: start, step, checkpoint, done, error; `infer` adds
+windows (done of windows, inside one volume)."""
 from __future__ import annotations
 
 import json
