@@ -144,12 +144,12 @@ def test_interrupted_run_continues_alone(study, tmp_path, monkeypatch):
     calls = []
     real = study_runs.run_finetune
 
-    def counting(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def counting(request):
+        calls.append(request)
+        return real(request)
     monkeypatch.setattr(study_runs, "run_finetune", counting)
     run_label_efficiency(config, out=str(copy), progress="none")
-    assert len(calls) == 1 and calls[0]["resume"] and calls[0]["train_cases"] == 2 and calls[0]["seed"] == 0
+    assert len(calls) == 1 and calls[0].resume and calls[0].train_cases == 2 and calls[0].seed == 0
     assert (copy / "runs" / "mim_n2_seed0" / "result.json").exists()
 
 
@@ -161,8 +161,8 @@ def test_guard_stops_a_run_whose_training_reached_a_test_case(study, tmp_path, m
     (run / "result.json").unlink()
     real = study_runs.run_finetune
 
-    def leaky(data, out_dir, **kwargs):  # as if case selection had drawn the test case
-        result = real(data, out_dir, **kwargs)
+    def leaky(request):  # as if case selection had drawn the test case
+        result = real(request)
         cases = json.loads((run / "finetune" / "cases.json").read_text())
         cases["training"].append({"name": "renamed", "image": str(cases_dir(copy) / "pycerr_pat_3_ct.nii.gz")})
         (run / "finetune" / "cases.json").write_text(json.dumps(cases))
