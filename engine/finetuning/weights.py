@@ -68,6 +68,11 @@ class PretrainedWeights:
     ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
     dropped: list[str] = field(default_factory=list)  # encoder keys our architecture has no place for
     notes: list[str] = field(default_factory=list)
+    method: str | None = None  # the pre-training method, where known: mim, mae, hybridmim, swinunetr-ssl
+
+    def describe(self) -> dict:
+        """What a model card says of these weights (plain data)."""
+        return {"family": self.family, "path": self.path, "method": self.method}
 
 
 @dataclass
@@ -151,7 +156,13 @@ def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
     mapped = {"encoder." + k[len(prefix):]: v for k, v in state.items()
               if k.startswith(prefix) and k != prefix + "pos_embed"}
     ignored = [k for k in state if not k.startswith(prefix) or k == prefix + "pos_embed"]
-    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored)
+    return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored,
+                             method=config.get("method") or _pretraining_method(ckpt))
+
+
+def _pretraining_method(ckpt: dict) -> str | None:
+    """A fine-tuned model.pt used as pre-trained weights: the method its own encoder was pre-trained with."""
+    return ((ckpt.get("provenance") or {}).get("pretrained") or {}).get("method")
 
 
 def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
@@ -170,7 +181,7 @@ def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
     notes.append("their patch embeddings end with a GELU that ours lack; fine-tuning adapts the first layers")
     encoder = authors_encoder_config(state, args)
     return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored,
-                             dropped=dropped, notes=notes)
+                             dropped=dropped, notes=notes, method="mim")
 
 
 def _authors_name(key: str) -> str | None:
@@ -214,7 +225,8 @@ def swin_key_map(state: dict, path: str) -> PretrainedWeights:
         else:
             raise UserError(f"{path}: unexpected key '{key}' for a SwinUNETR-SSL checkpoint")
     width = int(mapped["swinViT.patch_embed.proj.weight"].shape[0])
-    return PretrainedWeights("swinunetr-ssl", path, mapped, "swinunetr", feature_size=width, ignored=ignored)
+    return PretrainedWeights("swinunetr-ssl", path, mapped, "swinunetr", feature_size=width, ignored=ignored,
+                             method="swinunetr-ssl")
 
 
 def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> KeyReport:
