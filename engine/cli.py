@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_infer(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     _add_study(sub)
     _add_bench(sub)
     return parser
@@ -336,6 +337,26 @@ def _add_evaluate(sub) -> None:
 def _evaluate(args) -> None:
     from engine.inference.evaluate import format_table, run_evaluate
     print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="a fine-tuned segmentation model.pt as a MONAI bundle")
+    p.add_argument("--checkpoint", required=True, help="model.pt of a segmentation fine-tuning run")
+    p.add_argument("--format", required=True, help="monai-bundle")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p.add_argument("--check-image", metavar="CT", help="compare the export with the engine on this CT: Dice per "
+                   "label between the bundle's label map and `engine infer`'s, written into the bundle's README")
+    p.add_argument("--version", default="0.1.0", help="the bundle's version (metadata.json)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> None:
+    from engine.export.run import ExportRequest, run_export
+    request = ExportRequest(args.checkpoint, args.format, args.out, check_image=args.check_image,
+                            version=args.version, overwrite=args.overwrite)
+    result = run_export(request)
+    print("\n".join(str(p) for p in result.files))
 
 
 def _add_study(sub) -> None:

@@ -24,7 +24,7 @@ from engine.imageio.geometry import back_to_input, body_box, image_array, resamp
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.imageio.volumes import dicom_series, is_volume_file, read_input
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, dry_run_record
-from engine.models.segmenter import build_segmenter
+from engine.models.segmenter import segmenter_from_config
 from engine.runtime.checkpoint import load_checkpoint
 from engine.runtime.device import amp_dtype, autocast, pick_device
 from engine.runtime.memory import available_for
@@ -112,11 +112,7 @@ class SegmentationPredictor:
         ckpt = load_checkpoint(path)
         if ckpt.get("kind") != "segmentation":
             raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; `infer` needs a segmentation model.pt")
-        cfg = finetune_config_from_dict(ckpt["config"])
-        spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
-                         cfg.encoder.in_channels)
-        model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
-        model.load_state_dict(ckpt["model"])
+        model, spec = segmenter_and_spec(ckpt)
         return cls(model, spec, settings)
 
     def predict(self, image: sitk.Image, probabilities: bool = False, sw_batch_size: int | None = None) -> Segmentation:
@@ -151,6 +147,16 @@ class SegmentationPredictor:
     def _probability_images(self, probs: np.ndarray, grid: sitk.Image, image: sitk.Image) -> dict[str, sitk.Image]:
         names = sorted(self.spec.labels, key=self.spec.labels.get)
         return {name: resample_channel(probs[k], grid, image) for k, name in enumerate(names) if k > 0}
+
+
+def segmenter_and_spec(ckpt: dict) -> tuple[nn.Module, ModelSpec]:
+    """The trained network of a segmentation model.pt (loaded) and what it says about using it."""
+    cfg = finetune_config_from_dict(ckpt["config"])
+    spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
+                     cfg.encoder.in_channels)
+    model = segmenter_from_config(ckpt["config"], len(spec.labels))
+    model.load_state_dict(ckpt["model"])
+    return model, spec
 
 
 def _label_dtype(values: np.ndarray):
