@@ -344,8 +344,8 @@ def _add_export(sub) -> None:
     p.add_argument("--checkpoint", required=True, help="model.pt of a segmentation fine-tuning run")
     p.add_argument("--format", required=True, help="monai-bundle")
     p.add_argument("--out", required=True, help="the folder to write (new or empty)")
-    p.add_argument("--check-image", metavar="CT", help="compare the export with the engine on this CT: Dice per "
-                   "label between the bundle's label map and `engine infer`'s, written into the bundle's README")
+    p.add_argument("--check-image", metavar="CT", help="compare the export with the engine on this CT: the bundle's "
+                   "label map (Dice per label), or the ONNX logits of one window (default: a synthetic window)")
     p.add_argument("--version", default="0.1.0", help="the bundle's version (metadata.json)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
     p.set_defaults(func=_export)

@@ -165,12 +165,12 @@ def test_label_values_that_are_not_channel_indices_reach_the_written_labelmap(he
 
 
 def test_bad_exports_fail_clearly(lung_run, tmp_path, capsys):
-    with pytest.raises(UserError, match="Did you mean 'monai-bundle'"):
-        run_export(ExportRequest(str(lung_run / "model.pt"), "monai-bundel", str(tmp_path / "x")))
+    with pytest.raises(UserError, match="Did you mean 'onnx'"):
+        run_export(ExportRequest(str(lung_run / "model.pt"), "onxx", str(tmp_path / "x")))
     with pytest.raises(UserError, match="not empty"):
         run_export(ExportRequest(str(lung_run / "model.pt"), "monai-bundle", str(lung_run)))
     with pytest.raises(UserError, match="export the run's model.pt"):
         run_export(ExportRequest(str(lung_run / "checkpoint.pt"), "monai-bundle", str(tmp_path / "y")))
-    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "monai-bundle", "--out",
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "onnx", "--out",
                  str(tmp_path / "z")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`engine export`: a fine-tuned segmentation model.pt as a MONAI bundle, in a folder of its own."""
+"""`engine export`: a fine-tuned segmentation model.pt as a MONAI bundle or as ONNX, in a folder of its own."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ from engine.errors import UserError
 from engine.runtime.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
-FORMATS = ("monai-bundle",)
+FORMATS = ("monai-bundle", "onnx")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,10 @@ def run_export(request: ExportRequest) -> ExportResult:
     check_image = Path(request.check_image) if request.check_image else None
     if check_image is not None and not check_image.exists():
         raise UserError(f"--check-image {check_image}: no such file or folder")
-    return _export_bundle(ckpt, out, request.version, check_image)
+    if request.format == "monai-bundle":
+        return _export_bundle(ckpt, out, request.version, check_image)
+    from engine.export.onnx import export_onnx
+    return export_onnx(ckpt, out, check_image)
 
 
 def _segmentation_checkpoint(path: str) -> dict:
