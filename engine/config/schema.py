@@ -33,6 +33,20 @@ def load_preset(name: str) -> dict[str, Any]:
         return yaml.safe_load(f) or {}
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML file for --config: a run's saved config.yaml, or one written by hand."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, like a run's config.yaml")
+    return tree
+
+
 def build_dataclass(cls, tree: dict[str, Any], where: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in tree if k not in fields]

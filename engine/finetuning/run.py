@@ -14,8 +14,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.config.finetune import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
-from engine.config.schema import check_choice
+from engine.config.finetune import (
+    TASKS,
+    FinetuneConfig,
+    build_finetune_config,
+    config_file_seed,
+    finetune_config_from_dict,
+    finetune_config_from_file,
+)
+from engine.config.schema import build_dataclass, check_choice
+from engine.config.sections import EncoderConfig
 from engine.data.labelled import CaseSelection, load_classification_dataset, load_dataset, select_cases
 from engine.errors import UserError
 from engine.finetuning.classification import ClassificationTask
@@ -54,12 +62,19 @@ class FinetuneRequest:
     freeze_encoder: bool = False
     fold: int | None = None
     train_cases: int | None = None
-    seed: int = 0
+    seed: int | None = None  # of the case draw, the crops and the weights; None: the config file's, else 0
     resume: bool = False
     progress: str = "bar"
     device: str = "auto"
     overrides: dict = field(default_factory=dict)  # dotted settings (--set)
     check_memory: bool = True  # refuse a run whose estimated peak memory does not fit, before its run folder
+    config: str | None = None  # a config file (a run's config.yaml) instead of the preset
+
+    @property
+    def case_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return config_file_seed(self.config) if self.config else 0
 
 
 @dataclass
@@ -154,7 +169,7 @@ def _load_data(task: str, data: str):
 
 def _cases(ckpt: dict | None, dataset, request: FinetuneRequest) -> CaseSelection:
     if ckpt is None:
-        return select_cases(dataset, request.fold, request.train_cases, request.seed)
+        return select_cases(dataset, request.fold, request.train_cases, request.case_seed)
     saved = ckpt["cases"]
     return CaseSelection(saved["training"], saved["validation"], saved["fold"], saved["train_cases"], saved["seed"],
                          saved.get("note", ""))
@@ -169,17 +184,35 @@ def _pretrained(pretrained: str | None) -> PretrainedWeights | None:
 def _resolve_config(ckpt: dict | None, request: FinetuneRequest, weights: PretrainedWeights | None) -> FinetuneConfig:
     extra = dict(request.overrides or {})
     if ckpt is not None:
+        if request.config:
+            raise UserError("--resume keeps the run's own settings; --config starts a new run")
         if any(k != "train.steps" for k in extra) or request.freeze_encoder:
             raise UserError("--resume keeps the saved settings; only --steps / --epochs may change")
         return finetune_config_from_dict(ckpt["config"]).validate()
-    extra.setdefault("train.seed", request.seed)
+    extra.setdefault("train.seed", request.case_seed)
     if request.freeze_encoder:
         extra["freeze_encoder"] = True
+    if request.config:
+        return _config_file(request, weights, extra)
     if weights is not None:
         extra.setdefault("model.backbone", weights.backbone)
         if weights.feature_size is not None:
             extra["model.feature_size"] = weights.feature_size
     return build_finetune_config(request.preset, request.task, weights.encoder if weights else None, extra)
+
+
+def _config_file(request: FinetuneRequest, weights: PretrainedWeights | None, extra: dict) -> FinetuneConfig:
+    """The settings of --config (a run's config.yaml) and --set; pre-trained weights must fit its network."""
+    cfg = finetune_config_from_file(request.config, request.task, extra)
+    if weights is None:
+        return cfg
+    if weights.backbone != cfg.model.backbone:
+        raise UserError(f"--pretrained {weights.path} feeds a '{weights.backbone}' network; --config "
+                        f"{request.config} describes a '{cfg.model.backbone}' one")
+    if weights.encoder is not None and build_dataclass(EncoderConfig, weights.encoder, "encoder.") != cfg.encoder:
+        raise UserError(f"--pretrained {weights.path} has encoder {weights.encoder}; --config {request.config} "
+                        f"describes encoder {cfg.to_dict()['encoder']}")
+    return cfg
 
 
 def _with_length(cfg: FinetuneConfig, n_training: int, steps: int | None, epochs: int | None) -> FinetuneConfig:
