@@ -5,7 +5,9 @@ import argparse
 import logging
 import sys
 
+from engine.bench.cli import add_bench
 from engine.errors import UserError
+from engine.export.cli import add_export
 
 log = logging.getLogger("engine")
 
@@ -71,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_infer(sub)
     _add_evaluate(sub)
+    add_export(sub)
     _add_study(sub)
-    _add_bench(sub)
+    add_bench(sub)
     return parser
 
 
@@ -90,12 +93,13 @@ def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pre-training (MiM, MAE or HybridMIM)")
     p.add_argument("--data", required=True, help="folder of CT volumes (and DICOM series folders), or a decathlon "
                    "dataset JSON")
-    p.add_argument("--method", default="mim", help="mim | mae | hybridmim")
-    p.add_argument("--preset", default="tiny", help="tiny | small | base")
+    p.add_argument("--method", help="mim | mae | hybridmim (default: mim)")
+    p.add_argument("--preset", help="tiny | small | base (default: tiny)")
+    _config_arg(p)
     p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, config.yaml, log.jsonl")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, config.yaml, log.jsonl, progress.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="default: the --config file's, else 0")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, e.g. --set mask.k2=2 --set train.lr=5e-4 (YAML values, checked "
@@ -107,10 +111,29 @@ def _add_pretrain(sub) -> None:
 
 def _pretrain(args) -> None:
     from engine.pretraining.run import PretrainRequest, run_pretrain
-    request = PretrainRequest(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps,
-                              resume=args.resume, seed=args.seed, progress=args.progress, device=args.device,
-                              overrides=parse_sets(args.set), check_memory=not args.skip_memory_check)
+    _check_config_alone(args, ("method", "preset"))
+    request = PretrainRequest(args.data, args.out, method=args.method or "mim", preset=args.preset or "tiny",
+                              steps=args.steps, resume=args.resume, seed=args.seed, progress=args.progress,
+                              device=args.device, overrides=parse_sets(args.set), config=args.config,
+                              check_memory=not args.skip_memory_check)
     run_pretrain(request)
+
+
+def _config_arg(p) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="start a new run with the settings of this file, e.g. "
+                   "another run's config.yaml (instead of a preset; --set and --steps still apply)")
+
+
+def _check_config_alone(args, given_by_config: tuple[str, ...]) -> None:
+    """--config gives the preset (and pre-training's method) and cannot continue a run."""
+    if not args.config:
+        return
+    clashing = [f"--{name}" for name in given_by_config if getattr(args, name, None)]
+    if clashing:
+        raise UserError(f"--config {args.config} gives every setting; drop {' and '.join(clashing)} "
+                        "(change single settings with --set)")
+    if args.resume:
+        raise UserError("--resume keeps the run's own settings; --config starts a new run")
 
 
 def parse_sets(pairs: list[str]) -> dict:
@@ -255,15 +278,18 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data", required=True, help="dataset.json (segmentation); labels.json or .csv (classification)")
     p.add_argument("--pretrained", default="none", help="a pre-training checkpoint, the MiM authors' checkpoint, "
                    "MONAI's SwinUNETR-SSL model_swinvit.pt, or none")
-    p.add_argument("--preset", default="tiny", help="tiny | small | base")
+    p.add_argument("--preset", help="tiny | small | base (default: tiny)")
+    _config_arg(p)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     length.add_argument("--epochs", type=int, help="passes over the training cases")
-    p.add_argument("--out", required=True, help="run folder: model.pt, checkpoint.pt, config.yaml, cases.json, log.jsonl")
+    p.add_argument("--out", required=True, help="run folder: model.pt, MODEL_CARD.md, checkpoint.pt, config.yaml, "
+                   "cases.json, log.jsonl, progress.png")
     p.add_argument("--freeze-encoder", action="store_true", help="train the new head only")
     p.add_argument("--fold", type=int, help="validate on this fold of dataset.json, train on the others")
     p.add_argument("--train-cases", type=int, help="train on this many cases of the training pool (label efficiency)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the case draw, the crops and the initial weights")
+    p.add_argument("--seed", type=int, help="seed of the case draw, the crops and the initial weights (default: the "
+                   "--config file's, else 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -275,10 +301,12 @@ def _add_finetune(sub) -> None:
 
 def _finetune(args) -> None:
     from engine.finetuning.run import FinetuneRequest, run_finetune
-    request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
-                              steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder,
-                              fold=args.fold, train_cases=args.train_cases, seed=args.seed, resume=args.resume,
-                              progress=args.progress, device=args.device, overrides=parse_sets(args.set),
+    _check_config_alone(args, ("preset",))
+    request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained,
+                              preset=args.preset or "tiny", steps=args.steps, epochs=args.epochs,
+                              freeze_encoder=args.freeze_encoder, fold=args.fold, train_cases=args.train_cases,
+                              seed=args.seed, resume=args.resume, progress=args.progress, device=args.device,
+                              overrides=parse_sets(args.set), config=args.config,
                               check_memory=not args.skip_memory_check)
     result = run_finetune(request)
     if args.progress != "json":
@@ -369,20 +397,3 @@ def _study(args) -> None:
                                    overrides=parse_sets(args.set))
     if args.progress != "json":
         print(Path(summary["table"]).read_text(encoding="utf-8") + f"\nwrote {summary['csv']}, {summary['plot']}")
-
-
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="time whole-CT segmentation (vs SwinUNETR, UNet), pre-training and fine-tuning")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="a few minutes: cropped CT, one step per measurement")
-    size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
-    p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
-    p.add_argument("--preset", help="segmentation preset for inference and fine-tuning (default: small)")
-    p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 (CUDA) | off: autocast of every measurement")
-
-    def run(args) -> None:
-        from engine.bench.report import format_report
-        from engine.bench.run import run_bench
-        mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-        print(format_report(run_bench(mode, json_out=args.json, amp=args.amp, seg_preset=args.preset)))
-    p.set_defaults(func=run)

@@ -12,6 +12,7 @@ from engine.config.schema import (
     available_presets,
     build_dataclass,
     check_choice,
+    load_config_file,
     load_preset,
     load_yaml,
     merge_trees,
@@ -143,6 +144,21 @@ def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict
     tree = merge_trees(tree, undot(overrides or {}))
     tree["task"], tree["preset"] = task, preset
     return finetune_config_from_dict(tree).validate()
+
+
+def finetune_config_from_file(path, task: str, overrides: dict[str, Any] | None = None) -> FinetuneConfig:
+    """A config file (a run's saved config.yaml) with overrides on top; its task must be `task`."""
+    tree = load_config_file(path)
+    if tree.get("task", task) != task:
+        raise UserError(f"--config {path} holds a '{tree['task']}' config; pass --task {tree['task']}")
+    tree = merge_trees(tree, undot(overrides or {}))
+    tree["task"] = task
+    return finetune_config_from_dict(tree).validate()
+
+
+def config_file_seed(path) -> int:
+    """The training seed a config file gives (its train.seed, else 0)."""
+    return int((load_config_file(path).get("train") or {}).get("seed", 0))
 
 
 def finetune_config_from_dict(tree: dict[str, Any]) -> FinetuneConfig:

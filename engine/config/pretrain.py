@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config.schema import build_dataclass, check_choice, load_preset, merge_trees, to_plain, undot
+from engine.config.schema import (
+    build_dataclass,
+    check_choice,
+    load_config_file,
+    load_preset,
+    merge_trees,
+    to_plain,
+    undot,
+)
 from engine.config.sections import DataConfig, DecoderConfig, EncoderConfig, TrainConfig
 from engine.errors import UserError
 
@@ -150,6 +158,12 @@ def build_config(preset: str, method: str = "mim", overrides: dict[str, Any] | N
     tree = merge_trees(tree, method_sections.get(method, {}))
     tree = merge_trees(tree, undot(overrides or {}))
     tree["method"], tree["preset"] = method, preset
+    return config_from_dict(tree).validate()
+
+
+def config_from_file(path, overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """A config file (a run's saved config.yaml: method, preset and every setting) with overrides on top."""
+    tree = merge_trees(load_config_file(path), undot(overrides or {}))
     return config_from_dict(tree).validate()
 
 

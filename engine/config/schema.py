@@ -56,6 +56,20 @@ def load_yaml(stream) -> Any:
     return yaml.load(stream, Loader=_ConfigLoader)  # _ConfigLoader is a SafeLoader
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """The settings of a YAML file for --config: a run's saved config.yaml, or one written by hand."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"--config {path}: expected a mapping of settings, like a run's config.yaml")
+    return tree
+
+
 def build_dataclass(cls, tree: dict[str, Any], where: str):
     """`cls` from a nested tree of plain values; every value is checked against its field's annotation and
     converted when that loses nothing (3 -> 3.0, "5e-4" -> 5e-4, [1, 2, 3] -> a tuple), else refused in one line."""

@@ -1,8 +1,9 @@
 """Fine-tuning (segmentation or classification): `run_finetune` reads like its table of contents.
 
 A run folder holds config.yaml, cases.json (which cases trained and validated, and why), weights.json (the
-pre-trained key report), log.jsonl, checkpoint.pt (latest training state, for --resume) and model.pt (the best
-model by validation: self-contained for inference)."""
+pre-trained key report), log.jsonl, checkpoint.pt (latest training state, for --resume), model.pt (the best
+model by validation: self-contained for inference, with its provenance and software versions) and MODEL_CARD.md
+(written from model.pt each time it is)."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,13 +15,23 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.config.finetune import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
-from engine.config.schema import check_choice, to_plain
+from engine.config.finetune import (
+    TASKS,
+    FinetuneConfig,
+    build_finetune_config,
+    config_file_seed,
+    finetune_config_from_dict,
+    finetune_config_from_file,
+)
+from engine.config.schema import build_dataclass, check_choice, to_plain
+from engine.config.sections import EncoderConfig
 from engine.data.labelled import CaseSelection, load_classification_dataset, load_dataset, select_cases
 from engine.errors import UserError
 from engine.finetuning.classification import ClassificationTask
 from engine.finetuning.data import steps_per_epoch
+from engine.finetuning.model_card import MODEL_CARD, write_model_card
 from engine.finetuning.preflight import check_finetune
+from engine.finetuning.provenance import run_provenance
 from engine.finetuning.segmentation import SegmentationTask
 from engine.finetuning.weights import PretrainedWeights, freeze, load_pretrained, read_pretrained
 from engine.runtime import distributed
@@ -28,6 +39,7 @@ from engine.runtime.atomic import write_json
 from engine.runtime.checkpoint import save_checkpoint, unwrap
 from engine.runtime.device import amp_dtype
 from engine.runtime.progress import Progress
+from engine.runtime.versions import software_versions
 from engine.training.loop import LoopHooks, train_loop
 from engine.training.optim import build_optimizer
 from engine.training.run_folder import RunFolder
@@ -51,12 +63,19 @@ class FinetuneRequest:
     freeze_encoder: bool = False
     fold: int | None = None
     train_cases: int | None = None
-    seed: int = 0
+    seed: int | None = None  # of the case draw, the crops and the weights; None: the config file's, else 0
     resume: bool = False
     progress: str = "bar"
     device: str = "auto"
     overrides: dict = field(default_factory=dict)  # dotted settings (--set)
     check_memory: bool = True  # refuse a run whose estimated peak memory does not fit, before its run folder
+    config: str | None = None  # a config file (a run's config.yaml) instead of the preset
+
+    @property
+    def case_seed(self) -> int:
+        if self.seed is not None:
+            return self.seed
+        return config_file_seed(self.config) if self.config else 0
 
 
 @dataclass
@@ -95,7 +114,8 @@ def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.d
         log.warning(cases.note)
     folder.seed(cfg.train.seed)
     model = _build_model(job, weights, folder)
-    return _train(job, model, folder, dev, request.progress)
+    about = _about(folder.resumed, request.data, cases, weights)
+    return _train(job, model, folder, dev, request.progress, about)
 
 
 def _build_model(job, weights: PretrainedWeights | None, folder: RunFolder) -> nn.Module:
@@ -113,7 +133,16 @@ def _build_model(job, weights: PretrainedWeights | None, folder: RunFolder) -> n
     return model
 
 
-def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progress: str) -> FinetuneResult:
+def _about(ckpt: dict | None, data: str, cases: CaseSelection, weights: PretrainedWeights | None) -> dict:
+    """What model.pt records besides the network: provenance (cases, licences, pre-trained weights) and versions.
+    A resumed run keeps the provenance it started with (its pre-trained weights are no longer at hand)."""
+    provenance = (ckpt or {}).get("provenance") or run_provenance(
+        data, cases, weights.describe() if weights is not None else None)
+    return {"provenance": provenance, "versions": software_versions()}
+
+
+def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progress: str,
+           about: dict) -> FinetuneResult:
     cfg, cases, info = job.cfg, job.cases, folder.info
     model = model.to(device)
     optimizer = build_optimizer(model, cfg.train)
@@ -124,12 +153,14 @@ def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progr
     log.info("fine-tuning %s (%s preset) on %d case(s), validating on %d, on %s, %d process(es)", job.kind,
              cfg.preset, len(cases.training), len(cases.validation), device, info.world_size)
     hooks = LoopHooks(reporter, lambda step: folder.save(step, cfg.to_dict(), model, optimizer,
-                                                         {"best": best, "cases": cases.to_dict()}),
-                      folder.log_path, _validator(job, model, device, amp, best, folder.path if info.is_main else None))
+                                                         {"best": best, "cases": cases.to_dict(),
+                                                          "provenance": about["provenance"]}),
+                      folder.log_path, _validator(job, model, device, amp, best, folder.path if info.is_main else None,
+                                                  about))
     result = train_loop(model, optimizer, cfg.train, job.batches(folder.start_step), job.step_fn(model, device),
                         device, folder.start_step, hooks)
     if info.is_main and not (folder.path / MODEL).exists():  # no finite validation score yet: the latest weights
-        _save_model(folder.path, job, model, result.step, {})
+        _save_model(folder.path, job, model, result.step, {}, about)
     message = "stopped early, resume with --resume" if result.stopped_early else ""
     reporter.done(result.step, folder.path / MODEL, message=message, best=best, processes=info.world_size,
                   ranks_in_sync=distributed.parameters_in_sync(model))
@@ -142,7 +173,7 @@ def _load_data(task: str, data: str):
 
 def _cases(ckpt: dict | None, dataset, request: FinetuneRequest) -> CaseSelection:
     if ckpt is None:
-        return select_cases(dataset, request.fold, request.train_cases, request.seed)
+        return select_cases(dataset, request.fold, request.train_cases, request.case_seed)
     saved = ckpt["cases"]
     return CaseSelection(saved["training"], saved["validation"], saved["fold"], saved["train_cases"], saved["seed"],
                          saved.get("note", ""))
@@ -158,12 +189,16 @@ def _resolve_config(ckpt: dict | None, request: FinetuneRequest, weights: Pretra
                     is_main: bool = True) -> FinetuneConfig:
     extra = dict(request.overrides or {})
     if ckpt is not None:
+        if request.config:
+            raise UserError("--resume keeps the run's own settings; --config starts a new run")
         if any(k != "train.steps" for k in extra) or request.freeze_encoder:
             raise UserError("--resume keeps the saved settings; only --steps / --epochs may change")
         return finetune_config_from_dict(ckpt["config"]).validate()
-    extra.setdefault("train.seed", request.seed)
+    extra.setdefault("train.seed", request.case_seed)
     if request.freeze_encoder:
         extra["freeze_encoder"] = True
+    if request.config:
+        return _config_file(request, weights, extra)
     chosen: list[str] = []  # the data settings the user gave (the others follow the checkpoint)
     if weights is not None:
         extra.setdefault("model.backbone", weights.backbone)
@@ -202,6 +237,20 @@ def _report_data(cfg: FinetuneConfig, weights: PretrainedWeights, chosen: list[s
                  ", ".join(f"data.{key}={list(seen[key])}" for key in taken), "/".join(taken))
 
 
+def _config_file(request: FinetuneRequest, weights: PretrainedWeights | None, extra: dict) -> FinetuneConfig:
+    """The settings of --config (a run's config.yaml) and --set; pre-trained weights must fit its network."""
+    cfg = finetune_config_from_file(request.config, request.task, extra)
+    if weights is None:
+        return cfg
+    if weights.backbone != cfg.model.backbone:
+        raise UserError(f"--pretrained {weights.path} feeds a '{weights.backbone}' network; --config "
+                        f"{request.config} describes a '{cfg.model.backbone}' one")
+    if weights.encoder is not None and build_dataclass(EncoderConfig, weights.encoder, "encoder.") != cfg.encoder:
+        raise UserError(f"--pretrained {weights.path} has encoder {weights.encoder}; --config {request.config} "
+                        f"describes encoder {cfg.to_dict()['encoder']}")
+    return cfg
+
+
 def _with_length(cfg: FinetuneConfig, n_training: int, steps: int | None, epochs: int | None) -> FinetuneConfig:
     """--steps N, or --epochs N (one epoch = every training case once), else the preset's length."""
     if steps is not None and epochs is not None:
@@ -215,7 +264,7 @@ def _with_length(cfg: FinetuneConfig, n_training: int, steps: int | None, epochs
     return finetune_config_from_dict(tree).validate()
 
 
-def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path | None):
+def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path | None, about: dict):
     """Validation every `val.every` steps and after the last; a better score rewrites model.pt (atomically)."""
     cfg = job.cfg
 
@@ -227,13 +276,16 @@ def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path | N
         if math.isfinite(score) and (best["score"] is None or score > best["score"]):
             best.update(score=score, step=step, metrics=metrics)
             if out_dir is not None:  # rank 0 writes; every rank validates the same weights alike
-                _save_model(out_dir, job, model, step, metrics)
+                _save_model(out_dir, job, model, step, metrics, about)
         return metrics
     return validate
 
 
-def _save_model(out_dir: Path, job, model: nn.Module, step: int, metrics: dict) -> Path:
-    """model.pt: format tag, kind, config, weights, and everything inference needs (labels, grid, window)."""
-    extra = {**job.model_extra(), "metrics": dict(metrics)}
-    return save_checkpoint(out_dir / MODEL, kind=job.kind, config=job.cfg.to_dict(), model=model, step=step,
+def _save_model(out_dir: Path, job, model: nn.Module, step: int, metrics: dict, about: dict) -> Path:
+    """model.pt: format tag, kind, config, weights, everything inference needs (labels, grid, window), provenance
+    and versions; then its model card."""
+    extra = {**job.model_extra(), "metrics": dict(metrics), **about}
+    path = save_checkpoint(out_dir / MODEL, kind=job.kind, config=job.cfg.to_dict(), model=model, step=step,
                            extra=extra)
+    write_model_card({"kind": job.kind, "config": job.cfg.to_dict(), "step": step, **extra}, out_dir / MODEL_CARD)
+    return path

@@ -61,7 +61,7 @@ class SegmentationTask:
         n = len(self.labels)
         for item in self._validation:
             probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
-                                                 self.cfg.val.overlap, self.cfg.val.sw_batch_size, device, amp)
+                                                 self.cfg.val.overlap, self.cfg.val.sw_batch_size, amp)
             pred = one_hot(probs.argmax(0)[None, None], n)
             metric(pred, one_hot(_tensor(item[LABEL])[None].long(), n))
         per_label = metric.aggregate().cpu().numpy()

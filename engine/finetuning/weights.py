@@ -72,6 +72,11 @@ class PretrainedWeights:
     data: dict = field(default_factory=dict)  # what pre-training saw, where known: spacing (mm), hu_window (HU)
     ignored: list[str] = field(default_factory=list)  # pre-training-only keys, deliberately not loaded
     notes: list[str] = field(default_factory=list)
+    method: str | None = None  # the pre-training method, where known: mim, mae, hybridmim, swinunetr-ssl
+
+    def describe(self) -> dict:
+        """What a model card says of these weights (plain data)."""
+        return {"family": self.family, "path": self.path, "method": self.method}
 
 
 @dataclass
@@ -157,7 +162,12 @@ def ours_key_map(ckpt: dict, path: str) -> PretrainedWeights:
     seen = config.get("data") or {}
     data = {key: [float(v) for v in seen[key]] for key in ("spacing", "hu_window") if seen.get(key) is not None}
     return PretrainedWeights("mimslicer", path, mapped, "hybrid", encoder=dict(config["encoder"]), ignored=ignored,
-                             data=data)
+                             data=data, method=config.get("method") or _pretraining_method(ckpt))
+
+
+def _pretraining_method(ckpt: dict) -> str | None:
+    """A fine-tuned model.pt used as pre-trained weights: the method its own encoder was pre-trained with."""
+    return ((ckpt.get("provenance") or {}).get("pretrained") or {}).get("method")
 
 
 def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
@@ -178,7 +188,7 @@ def authors_key_map(state: dict, args, path: str) -> PretrainedWeights:
              f"their pre-training windowed HU to {window} (a_min, a_max) and did not resample the volumes: "
              "data.hu_window defaults to theirs, data.spacing stays the preset's"]
     return PretrainedWeights("mim-authors", path, mapped, "hybrid", encoder=encoder, ignored=ignored, notes=notes,
-                             data={"hu_window": window})
+                             data={"hu_window": window}, method="mim")
 
 
 def _authors_name(key: str) -> str | None:
@@ -235,7 +245,8 @@ def swin_key_map(state: dict, path: str) -> PretrainedWeights:
         else:
             raise UserError(f"{path}: unexpected key '{key}' for a SwinUNETR-SSL checkpoint")
     width = int(mapped["swinViT.patch_embed.proj.weight"].shape[0])
-    return PretrainedWeights("swinunetr-ssl", path, mapped, "swinunetr", feature_size=width, ignored=ignored)
+    return PretrainedWeights("swinunetr-ssl", path, mapped, "swinunetr", feature_size=width, ignored=ignored,
+                             method="swinunetr-ssl")
 
 
 def load_pretrained(model: nn.Module, weights: PretrainedWeights) -> KeyReport:

@@ -26,7 +26,7 @@ from engine.imageio.geometry import back_to_input, body_box, image_array, resamp
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.imageio.volumes import is_volume_file, read_input
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, count_windows, dry_run_record
-from engine.models.segmenter import build_segmenter
+from engine.models.segmenter import segmenter_from_config
 from engine.runtime.checkpoint import load_checkpoint
 from engine.runtime.device import amp_dtype, autocast, pick_device
 from engine.runtime.memory import available_for
@@ -75,12 +75,11 @@ class Segmentation:
 
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, roi: int, overlap: float = 0.5,
-                                 sw_batch_size: int = 2, device: torch.device | None = None,
-                                 amp: torch.dtype | None = None, tta: bool = False,
+                                 sw_batch_size: int = 2, amp: torch.dtype | None = None, tta: bool = False,
                                  on_windows: Callable[[int], None] | None = None) -> torch.Tensor:
-    """image [1, C, X, Y, Z] -> softmax probabilities [K, X, Y, Z] (float32, CPU), gaussian-blended windows.
-    `on_windows(n)` is called after each forward with the number of windows it ran."""
-    device = device or torch.device("cpu")
+    """image [1, C, X, Y, Z] -> softmax probabilities [K, X, Y, Z] (float32, CPU), gaussian-blended windows run on
+    the model's device. `on_windows(n)` is called after each forward with the number of windows it ran."""
+    device = next(model.parameters(), torch.empty(0)).device
     inferer = SlidingWindowInferer(roi_size=(roi,) * 3, sw_batch_size=sw_batch_size, overlap=overlap,
                                    mode="gaussian", sw_device=device, device=torch.device("cpu"))
 
@@ -119,11 +118,7 @@ class SegmentationPredictor:
         ckpt = load_checkpoint(path)
         if ckpt.get("kind") != "segmentation":
             raise UserError(f"{path}: a '{ckpt.get('kind')}' checkpoint; `infer` needs a segmentation model.pt")
-        cfg = finetune_config_from_dict(ckpt["config"])
-        spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
-                         cfg.encoder.in_channels)
-        model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
-        model.load_state_dict(ckpt["model"])
+        model, spec = segmenter_and_spec(ckpt)
         return cls(model, spec, settings)
 
     def predict(self, image: sitk.Image, probabilities: bool = False, sw_batch_size: int | None = None) -> Segmentation:
@@ -161,11 +156,21 @@ class SegmentationPredictor:
         x = torch.from_numpy(np.ascontiguousarray(volume))[None, None]
         s = self.settings
         return sliding_window_probabilities(self.model, x, self.spec.roi, s.overlap, sw_batch_size or s.sw_batch_size,
-                                            self.device, self.amp, s.tta, on_windows)
+                                            self.amp, s.tta, on_windows)
 
     def _probability_images(self, probs: np.ndarray, grid: sitk.Image, image: sitk.Image) -> dict[str, sitk.Image]:
         names = sorted(self.spec.labels, key=self.spec.labels.get)
         return {name: resample_channel(probs[k], grid, image) for k, name in enumerate(names) if k > 0}
+
+
+def segmenter_and_spec(ckpt: dict) -> tuple[nn.Module, ModelSpec]:
+    """The trained network of a segmentation model.pt (loaded) and what it says about using it."""
+    cfg = finetune_config_from_dict(ckpt["config"])
+    spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
+                     cfg.encoder.in_channels)
+    model = segmenter_from_config(ckpt["config"], len(spec.labels))
+    model.load_state_dict(ckpt["model"])
+    return model, spec
 
 
 def _label_dtype(values: np.ndarray):

@@ -75,11 +75,21 @@ class _DepthwiseConv3d(torch.autograd.Function):
 def depthwise(x: torch.Tensor, conv: nn.Conv3d) -> torch.Tensor:
     """The depth-wise convolution `conv` of a channels-last [B, D, H, W, C] tensor, channels-last out."""
     y = x.permute(0, 4, 1, 2, 3)  # [B, C, D, H, W] with channels-last strides: no copy
-    if y.device.type == "cpu":
+    if _wants_fast_backward(y, conv):
         y = _DepthwiseConv3d.apply(y, conv.weight, conv.bias, conv.padding[0])
     else:
         y = conv(y)
     return y.permute(0, 2, 3, 4, 1)
+
+
+def _wants_fast_backward(y: torch.Tensor, conv: nn.Conv3d) -> bool:
+    """The custom CPU backward only pays when a gradient will be taken; inference (no_grad) and export (tracing,
+    ONNX) take the plain convolution, which computes the same forward and which exporters understand."""
+    if y.device.type != "cpu" or not torch.is_grad_enabled():
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return y.requires_grad or conv.weight.requires_grad
 
 
 class ChannelLayerNorm3d(nn.Module):

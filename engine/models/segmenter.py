@@ -8,6 +8,7 @@ import torch.nn as nn
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.nets import SwinUNETR
 
+from engine.config.finetune import finetune_config_from_dict
 from engine.config.sections import EncoderConfig
 from engine.models.hybrid_encoder import HybridEncoder, keep_position_embedding
 from engine.runtime.device import guard_small_convolutions
@@ -82,3 +83,10 @@ def build_segmenter(backbone: str, encoder_cfg: EncoderConfig, roi: int, out_cha
     else:
         model = HybridSegmenter(encoder_cfg, roi, out_channels, feature_size)
     return guard_small_convolutions(model)  # e.g. the 1/16 skip at ROI 32 (2^3 voxels, 3^3 kernels)
+
+
+def segmenter_from_config(config: dict, out_channels: int) -> nn.Module:
+    """The untrained network a fine-tuning config describes (model.pt's `config`, plain data): what inference
+    loads model.pt's weights into, and what an exported MONAI bundle instantiates (`_target_`)."""
+    cfg = finetune_config_from_dict(config)
+    return build_segmenter(cfg.model.backbone, cfg.encoder, cfg.model.roi, out_channels, cfg.model.feature_size)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from engine.config.pretrain import PretrainConfig, build_config, config_from_dict
+from engine.config.pretrain import PretrainConfig, build_config, config_from_dict, config_from_file
 from engine.data.datalist import resolve_datalist
 from engine.errors import UserError
 from engine.models import build_pretrainer
@@ -33,7 +33,8 @@ class PretrainRequest:
     preset: str = "tiny"
     steps: int | None = None  # None: the preset's
     resume: bool = False
-    seed: int = 0
+    seed: int | None = None  # None: the config file's, else 0
+    config: str | None = None  # a config file (a run's config.yaml) instead of method + preset
     progress: str = "bar"  # bar | json | none
     device: str = "auto"
     overrides: dict = field(default_factory=dict)  # dotted settings (--set)
@@ -85,8 +86,13 @@ def _resolve_config(ckpt: dict | None, request: PretrainRequest) -> PretrainConf
     if request.steps is not None:
         extra["train.steps"] = request.steps
     if ckpt is None:
-        extra.setdefault("train.seed", request.seed)
+        if request.seed is not None:
+            extra.setdefault("train.seed", request.seed)
+        if request.config:
+            return config_from_file(request.config, extra)
         return build_config(request.preset, request.method, extra)
+    if request.config:
+        raise UserError("--resume keeps the run's own settings; --config starts a new run")
     tree = ckpt["config"]
     if tree.get("method") != request.method:
         raise UserError(f"--resume: {request.out} was trained with method '{tree.get('method')}', "

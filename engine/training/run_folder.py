@@ -2,8 +2,9 @@
 prepare (config.yaml and the stage's own files, rank 0 only), the rank's seed, the DDP wrap, restore (weights,
 optimiser and every random generator) and save (an atomic checkpoint.pt).
 
-Folder: config.yaml, log.jsonl, checkpoint.pt (the latest training state, for --resume), plus what the stage adds
-(fine-tuning: cases.json, weights.json, model.pt)."""
+Folder: config.yaml, log.jsonl, checkpoint.pt (the latest training state, for --resume), progress.png (losses,
+learning rate and validation scores so far, redrawn with every checkpoint), plus what the stage adds (fine-tuning:
+cases.json, weights.json, model.pt, MODEL_CARD.md)."""
 from __future__ import annotations
 
 import random
@@ -22,6 +23,7 @@ from engine.runtime import distributed
 from engine.runtime.atomic import remove_stale, write_json, write_text
 from engine.runtime.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from engine.training.loop import trim_log
+from engine.training.progress_plot import try_plot_progress
 
 CHECKPOINT = "checkpoint.pt"
 RANK_STRIDE = 7919  # a prime: ranks and resumed steps get distinct seeds
@@ -101,11 +103,12 @@ class RunFolder:
         return self.resumed
 
     def save(self, step: int, config: dict, model: nn.Module, optimizer, extra: dict | None = None) -> Path:
-        """checkpoint.pt (rank 0 writes; every rank gets the path)."""
+        """checkpoint.pt and progress.png (rank 0 writes; every rank gets the checkpoint's path)."""
         path = self.path / CHECKPOINT
         if self.info.is_main:
             save_checkpoint(path, kind=self.kind, config=config, model=model, step=step, optimizer=optimizer,
                             extra={"rng": rng_states(), "world_size": self.info.world_size, **(extra or {})})
+            try_plot_progress(self.path)
         return path
 
 
