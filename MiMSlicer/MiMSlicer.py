@@ -27,7 +27,7 @@ from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
-DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
+DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "0", "Steps": "0",
             "Preset": "tiny", "ModelName": "", "FromScratch": "false"}
 
 
