@@ -88,11 +88,7 @@ class FinetuneResult:
 
 def run_finetune(request: FinetuneRequest) -> FinetuneResult:
     """Fine-tune alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
-    info, dev = distributed.setup(request.device)
-    try:
-        return _finetune(request, info, dev)
-    finally:
-        distributed.teardown()
+    return distributed.in_process_group(_finetune, request)
 
 
 def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.device) -> FinetuneResult:

@@ -43,11 +43,7 @@ class PretrainRequest:
 
 def run_pretrain(request: PretrainRequest) -> LoopResult:
     """Pre-train alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
-    info, dev = distributed.setup(request.device)
-    try:
-        return _pretrain(request, info, dev)
-    finally:
-        distributed.teardown()
+    return distributed.in_process_group(_pretrain, request)
 
 
 def _pretrain(request: PretrainRequest, info: distributed.DistInfo, dev: torch.device) -> LoopResult:

@@ -7,13 +7,15 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from engine.errors import UserError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,16 @@ def setup(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
     return info, device
+
+
+def in_process_group(stage: Callable[[Any, DistInfo, torch.device], T], request) -> T:
+    """`stage(request, info, device)` alone or as one of torchrun's processes: joins the process group on
+    `request.device` first and always leaves it."""
+    info, device = setup(request.device)
+    try:
+        return stage(request, info, device)
+    finally:
+        teardown()
 
 
 def teardown() -> None:
