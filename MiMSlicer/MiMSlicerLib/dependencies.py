@@ -21,6 +21,7 @@ import tempfile
 REQUIREMENTS = {
     "torch": ">=2.5",  # torch.serialization.safe_globals (2.5); torch.amp.custom_fwd(device_type=...) (2.4)
     "monai": ">=1.5",  # SwinUNETR without img_size (1.5)
+    "einops": ">=0.7",  # MONAI's TransformerBlock (its attention) imports it; MONAI does not require it
     "SimpleITK": ">=2.3",
     "numpy": ">=1.24",
     "nibabel": ">=5",
