@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.imageio.geometry import plain_numbers
 from engine.runtime.atomic import write_text
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -54,7 +55,7 @@ def _model(ckpt: dict) -> str:
              f"- Network: `{model.get('backbone')}` ({cfg.get('preset')} preset); encoder dims {encoder.get('dims')}, "
              f"depths {encoder.get('depths')}; decoder width {model.get('feature_size')}",
              f"- Input: the CT turned to the nearest RAS orientation, resampled to {data.get('spacing')} mm, "
-             f"clipped to the window {data.get('hu_window')} HU and scaled to [0, 1]; windows of "
+             f"clipped to the window {_numbers(data.get('hu_window'))} HU and scaled to [0, 1]; windows of "
              f"{model.get('roi')}^3 voxels",
              f"- Pre-trained weights: {_pretrained(ckpt)}"]
     if ckpt.get("kind") == "segmentation":
@@ -154,7 +155,8 @@ def _intended_use(ckpt: dict) -> str:
              "3D Slicer. Not a medical device; not for diagnosis, treatment or any clinical decision.",
              f"- Trained on {n} case(s): it has seen little anatomy, few scanners and few protocols. Expect it to "
              "fail on CT unlike the training cases (other body regions, contrast phases, children, implants).",
-             f"- Inputs are read at {data.get('spacing')} mm and through the window {data.get('hu_window')} HU: "
+             f"- Inputs are read at {data.get('spacing')} mm and through the window "
+             f"{_numbers(data.get('hu_window'))} HU: "
              "detail finer than that spacing, and contrast outside the window, is not seen.",
              "- The validation figures above come from few cases and are no measure of performance elsewhere.",
              f"- Intended users and setting: {TO_FILL}"]
@@ -179,3 +181,8 @@ def _citations(ckpt: dict) -> str:
     return "\n".join(["## Citations", "",
                       "The engine implements MiM and HybridMIM pre-training and builds on MONAI; please cite them "
                       f"when you use this model.{used}", ""] + [f"- {text}" for text in REFERENCES.values()])
+
+
+def _numbers(values) -> list | None:
+    """[-1000.0, 1000.0] as a reader writes it, [-1000, 1000]; None stays None."""
+    return None if values is None else list(plain_numbers(values))
