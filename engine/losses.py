@@ -45,9 +45,30 @@ def masked_blocks(mask: torch.Tensor, block_of_token: torch.Tensor, n_blocks: in
     return (mask[:, :, None] & member).sum(1) == member.sum(0)
 
 
+def centred_targets(features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """What sets each block apart from the blocks a child could equally have come from: features [V, B, D] minus,
+    per view, their mean over the candidate blocks (candidates [V, B] bool), divided by the root-mean-square norm
+    of the result over those blocks. Over a view's candidates the targets sum to zero and have mean squared norm 1,
+    so no constant matches them: see `byol_alignment`."""
+    weight = candidates.to(features.dtype)[..., None]  # [V, B, 1]
+    count = weight.sum(1, keepdim=True).clamp_min(1)
+    centred = features - (features * weight).sum(1, keepdim=True) / count
+    mean_square = (centred.pow(2).sum(-1, keepdim=True) * weight).sum(1, keepdim=True) / count
+    return centred / mean_square.clamp_min(1e-12).sqrt()
+
+
 def byol_alignment(child: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(child, target), averaged over views. child, target: [V, D]; target carries no gradient."""
-    return (2 - 2 * F.cosine_similarity(child.float(), target.float(), dim=-1)).mean()
+    """|child - target|^2, averaged over views: the child output regressed onto its target. child [V, D]; target
+    [V, D] from `centred_targets`, without gradient. A child output c that ignores which block it came from scores
+    1 + |c|^2 on average over its parent's candidate blocks (their targets sum to zero, mean squared norm 1), so
+    1 is chance and only telling the blocks apart scores lower. (BYOL's 2 - 2 cos normalises the output instead;
+    here that let the output's norm grow along one shared direction, which slowed its gradient to a stop.)"""
+    return byol_pair_losses(child, target[:, None])[:, 0].mean()
+
+
+def byol_pair_losses(child: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The byol loss of each view against each of several targets: child [V, D], targets [V, B, D] -> [V, B]."""
+    return (child.float()[:, None] - targets.float()).pow(2).sum(-1)
 
 
 def ce_logits(child: torch.Tensor, parent_blocks: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
