@@ -38,15 +38,71 @@ def pool_blocks(latent: torch.Tensor, block_of_token: torch.Tensor, n_blocks: in
     return torch.einsum("vnd,nb->vbd", latent, onehot / onehot.sum(0, keepdim=True))
 
 
-def byol_alignment(child: torch.Tensor, parent: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(child, parent), averaged over views. child, parent: [V, D]; parent carries no gradient."""
-    return (2 - 2 * F.cosine_similarity(child.float(), parent.float(), dim=-1)).mean()
+def masked_blocks(mask: torch.Tensor, block_of_token: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """[V, n_blocks] bool: the blocks whose tokens are all masked (those a child can be cut from). mask: [V, N].
+    Counted in integers (a mean of the mask under bf16 autocast is not exactly 1)."""
+    member = F.one_hot(block_of_token.to(mask.device), n_blocks).bool()  # [N, n_blocks]
+    return (mask[:, :, None] & member).sum(1) == member.sum(0)
 
 
-def ce_alignment(child: torch.Tensor, parent_blocks: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """Which of its parent's blocks was the child cut from? child [V, D], parent_blocks [V, B, D], target [V]."""
-    logits = F.cosine_similarity(child.float()[:, None], parent_blocks.float(), dim=-1) / tau  # [V, B]
+def centred_targets(features: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """What sets each block apart from the blocks a child could equally have come from: features [V, B, D] minus,
+    per view, their mean over the candidate blocks (candidates [V, B] bool), divided by the root-mean-square norm
+    of the result over those blocks. Over a view's candidates the targets sum to zero and have mean squared norm 1,
+    so no constant matches them: see `byol_alignment`."""
+    weight = candidates.to(features.dtype)[..., None]  # [V, B, 1]
+    count = weight.sum(1, keepdim=True).clamp_min(1)
+    centred = features - (features * weight).sum(1, keepdim=True) / count
+    mean_square = (centred.pow(2).sum(-1, keepdim=True) * weight).sum(1, keepdim=True) / count
+    return centred / mean_square.clamp_min(1e-12).sqrt()
+
+
+def byol_alignment(child: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|child - target|^2, averaged over views: the child output regressed onto its target. child [V, D]; target
+    [V, D] from `centred_targets`, without gradient. A child output c that ignores which block it came from scores
+    1 + |c|^2 on average over its parent's candidate blocks (their targets sum to zero, mean squared norm 1), so
+    1 is chance and only telling the blocks apart scores lower. (BYOL's 2 - 2 cos normalises the output instead;
+    here that let the output's norm grow along one shared direction, which slowed its gradient to a stop.)"""
+    return byol_pair_losses(child, target[:, None])[:, 0].mean()
+
+
+def byol_pair_losses(child: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The byol loss of each view against each of several targets: child [V, D], targets [V, B, D] -> [V, B]."""
+    return (child.float()[:, None] - targets.float()).pow(2).sum(-1)
+
+
+def ce_logits(child: torch.Tensor, parent_blocks: torch.Tensor, candidates: torch.Tensor, tau: float) -> torch.Tensor:
+    """cos(child, each parent block)/tau, -inf where a block is no candidate. [V, D], [V, B, D], [V, B] -> [V, B]."""
+    logits = F.cosine_similarity(child.float()[:, None], parent_blocks.float(), dim=-1) / tau
+    return logits.masked_fill(~candidates.to(logits.device), float("-inf"))
+
+
+def ce_alignment(child: torch.Tensor, parent_blocks: torch.Tensor, target: torch.Tensor, tau: float,
+                 candidates: torch.Tensor) -> torch.Tensor:
+    """Which of its parent's masked blocks was the child cut from? child [V, D], parent_blocks [V, B, D],
+    target [V], candidates [V, B] bool: the parent's masked blocks. A child always comes from a masked block, so
+    visible blocks are no candidates (else telling masked from visible would lower the loss for free)."""
+    logits = ce_logits(child, parent_blocks, candidates, tau)
     return F.cross_entropy(logits, target.to(logits.device))
+
+
+def spread(outputs: torch.Tensor) -> torch.Tensor:
+    """1 - mean pairwise cosine of the rows of outputs [V, D] (V >= 2): 0 when every row points the same way."""
+    z = F.normalize(outputs.float(), dim=-1)
+    v = z.shape[0]
+    cos = (z[:, None] * z[None]).sum(-1)  # [V, V]; not a matmul, which autocast would run in bf16
+    return 1 - (cos.sum() - cos.diagonal().sum()) / (v * (v - 1))
+
+
+def wrong_block_gap(pair_loss: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per view: the alignment loss with the child paired to a wrong parent block (the mean over the parent's other
+    masked blocks) minus the loss with its own block; 0 where the parent has no other masked block.
+    pair_loss [V, B]: the loss of each view were it paired with block b; target [V]; candidates [V, B] -> [V]."""
+    own = F.one_hot(target.to(pair_loss.device), pair_loss.shape[1]).bool()
+    wrong = candidates.to(pair_loss.device) & ~own
+    wrong_loss = torch.where(wrong, pair_loss, torch.zeros_like(pair_loss)).sum(1) / wrong.sum(1).clamp_min(1)
+    own_loss = pair_loss.gather(1, target.to(pair_loss.device)[:, None])[:, 0]
+    return torch.where(wrong.any(1), wrong_loss - own_loss, torch.zeros_like(own_loss))
 
 
 def level_weights(base: tuple[float, ...], levels: int, curriculum: str, progress: float) -> list[float]:

@@ -1,6 +1,7 @@
 """Models: MAE gather equals drop-after-encode, no leak from masked voxels, every parameter learns, alignment
-compares a child with its parent's block (not with itself, the authors' defect); the encoder's two variants (ours,
-with the keys it always had, and the authors')."""
+compares a child with its parent's block (not with itself, the authors' defect), against centred targets that no
+constant matches, and ce chooses among the parent's masked blocks only; the encoder's two variants (ours, with the
+keys it always had, and the authors')."""
 import dataclasses
 import json
 from pathlib import Path
@@ -9,6 +10,13 @@ import pytest
 import torch
 
 from engine.config.pretrain import build_config
+from engine.losses import (
+    byol_alignment,
+    ce_alignment,
+    masked_blocks,
+    spread,
+    wrong_block_gap,
+)
 from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
 from engine.models.hybrid_encoder import HybridEncoder, depthwise, gather_tokens
@@ -194,60 +202,149 @@ def test_level_by_level_backward_equals_one_summed_backward():
 @pytest.mark.parametrize("views_per_pass", [1, 3])
 def test_views_a_few_at_a_time_give_the_same_losses_and_gradients(align, views_per_pass):
     """A level's views in passes of `views_per_pass` (3 does not divide the 4 or 16 views of a level): the
-    passes' loss shares add up to the level's losses and the gradients equal those of one pass per level."""
+    passes' loss shares add up to the level's losses and the gradients equal those of one pass per level; the
+    alignment diagnostics, gathered pass by pass, equal those of one pass and change neither losses nor gradients."""
     torch.manual_seed(0)
     cfg = build_config("tiny", "mim", {"loss.align": align})
     model = build_pretrainer(cfg)
     levels = make_mim_views(torch.rand(1, 1, 64, 64, 64), cfg.mask, model.patch, torch.Generator().manual_seed(0))
     whole: dict[str, float] = {}
     for level in model.level_outputs(levels):
+        assert level.diagnostics == {}
         level.total.backward()
         whole.update({k: float(v.detach()) for k, v in level.losses.items()})
     reference = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
+    one_pass = {k: float(v) for lv in model.level_outputs(levels, diagnostics=True) for k, v in lv.diagnostics.items()}
+    assert set(one_pass) == {"align_spread_l12", "align_gap_l12", "align_spread_l23", "align_gap_l23"}
     shares: dict[str, float] = {}
+    diagnostics: dict[str, float] = {}
     passes = 0
-    for level in model.level_outputs(levels, views_per_pass=views_per_pass):
+    for level in model.level_outputs(levels, views_per_pass=views_per_pass, diagnostics=True):
         assert level.pred.shape[0] == level.views.stop - level.views.start <= views_per_pass
+        assert all(not v.requires_grad for v in level.diagnostics.values())
         level.total.backward()
         passes += 1
         for k, v in level.losses.items():
             shares[k] = shares.get(k, 0.0) + float(v.detach())
+        for k, v in level.diagnostics.items():
+            assert k not in diagnostics  # once per level, on its last pass
+            diagnostics[k] = float(v)
     assert passes == sum(-(-lv.images.shape[0] // views_per_pass) for lv in levels)
     assert shares.keys() == whole.keys() and all(abs(shares[k] - whole[k]) < 1e-5 for k in whole), (shares, whole)
+    assert diagnostics.keys() == one_pass.keys()
+    assert all(abs(diagnostics[k] - one_pass[k]) < 1e-5 for k in one_pass), (diagnostics, one_pass)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, reference[n], atol=1e-6, rtol=1e-4), n
 
 
-@pytest.mark.parametrize("align", ["byol", "ce"])
-def test_alignment_uses_the_parent_block_the_child_came_from(align):
-    """Changing the parent's features of the child's own block changes the loss; other blocks do not (byol).
-    The authors' L1-L2 byol compared middle features with themselves: there the parent would not matter at all."""
+def _two_level_model(align):
     torch.manual_seed(0)
     cfg = build_config("tiny", "mim", {"loss.align": align, "mask.levels": 2})
     model = build_pretrainer(cfg).eval()
-    _, middle = make_mim_views(torch.rand(1, 1, 64, 64, 64), cfg.mask, model.patch, torch.Generator().manual_seed(0))
+    coarse, middle = make_mim_views(torch.rand(1, 1, 64, 64, 64), cfg.mask, model.patch,
+                                    torch.Generator().manual_seed(0))
+    candidates = masked_blocks(coarse.mask.mask, coarse.block_of_token, coarse.n_blocks)  # [1, 8]
     tokens = torch.randn(middle.images.shape[0], 4, model.encoder.out_dim)
-    parent_blocks = torch.randn(1, 8, cfg.decoder.dim)
-    base = model._alignment(0, tokens, parent_blocks, middle)
+    return cfg, model, (coarse, middle), candidates, tokens
+
+
+@pytest.mark.parametrize("align", ["byol", "ce"])
+def test_alignment_uses_the_parent_block_the_child_came_from(align):
+    """Changing the target of the child's own parent block changes the loss; other blocks do not (byol).
+    The authors' L1-L2 byol compared middle features with themselves: there the parent would not matter at all."""
+    cfg, model, (_, middle), candidates, tokens = _two_level_model(align)
+    targets = torch.randn(1, 8, cfg.loss.align_dim)
+    base = model._alignment(0, tokens, targets, candidates, middle)[0]
     own = int(middle.parent_block[0])
     other = next(b for b in range(8) if b not in middle.parent_block.tolist())
-    changed_own, changed_other = parent_blocks.clone(), parent_blocks.clone()
-    changed_own[0, own] = torch.randn(cfg.decoder.dim)
-    changed_other[0, other] = torch.randn(cfg.decoder.dim)
-    assert not torch.allclose(model._alignment(0, tokens, changed_own, middle), base)
+    changed_own, changed_other = targets.clone(), targets.clone()
+    changed_own[0, own] = torch.randn(cfg.loss.align_dim)
+    changed_other[0, other] = torch.randn(cfg.loss.align_dim)
+    assert not torch.allclose(model._alignment(0, tokens, changed_own, candidates, middle)[0], base)
     if align == "byol":
-        assert torch.allclose(model._alignment(0, tokens, changed_other, middle), base)
-    else:  # an 8-way localisation: the target is the block the child was cut from
-        child = model.predictors[0](tokens.mean(1))
-        parents = model.projectors[0](parent_blocks[middle.parent])
-        logits = torch.nn.functional.cosine_similarity(child[:, None], parents, dim=-1) / cfg.loss.ce_temperature
+        assert torch.allclose(model._alignment(0, tokens, changed_other, candidates, middle)[0], base)
+    else:  # a localisation among the parent's masked blocks: the target is the block the child was cut from
+        child = model.predictors[0](model.projectors[0](tokens.mean(1)))
+        logits = torch.nn.functional.cosine_similarity(child[:, None], targets[middle.parent], dim=-1)
+        logits = (logits / cfg.loss.ce_temperature).masked_fill(~candidates[middle.parent], float("-inf"))
         expected = torch.nn.functional.cross_entropy(logits, middle.parent_block)
         assert torch.allclose(base, expected)
 
 
-def test_parent_block_features_are_the_parents_decoder_tokens_of_that_block():
-    """The features handed from level to level pool exactly the tokens of each block of the parent."""
+def test_targets_are_the_encoders_unmasked_view_of_the_parent_centred_on_its_masked_blocks():
+    """The target of a parent block: its encoder tokens with nothing masked, mean-pooled, through the projector,
+    minus the mean over the parent's masked blocks, scaled to mean squared norm 1 over them; no gradient (the
+    stop-gradient sits after the projector). So a constant child output c scores 1 + |c|^2 on average over the
+    blocks it can come from (1: chance), and the targets see the pixels of the masked block the child was cut
+    from."""
+    cfg, model, (coarse, _), candidates, _ = _two_level_model("byol")
+    targets = model._targets(0, coarse, candidates)
+    assert targets.shape == (1, 8, cfg.loss.align_dim) and not targets.requires_grad
+    with torch.no_grad():
+        tokens = model.encoder(coarse.images)  # every token: the parent seen whole
+        pooled = torch.stack([tokens[:, coarse.block_of_token == b].mean(1) for b in range(8)], 1)
+        projected = model.projectors[0](pooled)
+    masked = candidates[0]
+    centred = projected - projected[:, masked].mean(1, keepdim=True)
+    expected = centred / centred[:, masked].pow(2).sum(-1).mean().sqrt()
+    assert torch.allclose(targets, expected, atol=1e-5)
+    assert torch.allclose(targets[0, masked].sum(0), torch.zeros(cfg.loss.align_dim), atol=1e-4)
+    for constant in torch.randn(5, cfg.loss.align_dim) * torch.rand(5, 1):
+        scores = [byol_alignment(constant[None], targets[:, b]) for b in masked.nonzero()[:, 0]]
+        assert abs(float(torch.stack(scores).mean()) - (1 + float(constant.pow(2).sum()))) < 1e-3
+    block = int(masked.nonzero()[0, 0])  # a masked block: the parent's encoder did not see it, its target does
+    voxels = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bool)
+    voxels.view(-1)[block] = True
+    voxels = voxels.repeat_interleave(16, 2).repeat_interleave(16, 3).repeat_interleave(16, 4)
+    changed = coarse.images.clone()
+    changed[voxels] = torch.rand(int(voxels.sum()))
+    coarse.images = changed
+    assert not torch.allclose(model._targets(0, coarse, candidates)[0, block], targets[0, block])
+
+
+def test_ce_candidates_are_only_the_parents_masked_blocks():
+    """A child always comes from a masked block of its parent, so telling masked from visible blocks must gain
+    nothing: a child that only does that scores exactly chance, log(#masked); visible blocks do not enter."""
+    n_blocks, masked = 8, torch.tensor([2, 3, 4, 6])
+    candidates = torch.zeros(1, n_blocks, dtype=torch.bool)
+    candidates[0, masked] = True
+    feature = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    blocks = -feature.repeat(1, n_blocks, 1)  # visible blocks: as unlike the child as can be
+    blocks[0, masked] = feature  # masked blocks: all alike, and like the child
+    detector = ce_alignment(feature[None], blocks, torch.tensor([3]), 0.2, candidates)
+    assert torch.allclose(detector, torch.log(torch.tensor(4.0)))
+    unrestricted = ce_alignment(feature[None], blocks, torch.tensor([3]), 0.2, torch.ones_like(candidates))
+    assert unrestricted < torch.log(torch.tensor(8.0)) - 0.5  # the shortcut the restriction removes
+    # in the model: features of the parent's visible blocks change nothing, those of its masked blocks do
+    cfg, model, (_, middle), candidates, tokens = _two_level_model("ce")
+    targets = torch.randn(1, 8, cfg.loss.align_dim)
+    base = model._alignment(0, tokens, targets, candidates, middle)[0]
+    visible = (~candidates[0]).nonzero()[:, 0]
+    masked_other = [b for b in candidates[0].nonzero()[:, 0].tolist() if b not in middle.parent_block.tolist()]
+    changed = targets.clone()
+    changed[0, visible] = torch.randn(len(visible), cfg.loss.align_dim)
+    assert torch.allclose(model._alignment(0, tokens, changed, candidates, middle)[0], base)
+    changed[0, masked_other[0]] = torch.randn(cfg.loss.align_dim)
+    assert not torch.allclose(model._alignment(0, tokens, changed, candidates, middle)[0], base)
+
+
+def test_spread_and_wrong_block_gap():
+    """spread: 0 when every child output points the same way, 1 for orthogonal ones; gap: the loss with the
+    parent's other masked blocks minus the loss with the child's own block (visible blocks never count)."""
+    same = torch.randn(1, 8).repeat(3, 1) * torch.tensor([[1.0], [2.0], [0.5]])
+    assert abs(float(spread(same))) < 1e-6
+    assert abs(float(spread(torch.eye(3))) - 1.0) < 1e-6
+    pair_loss = torch.tensor([[0.5, 1.0, 9.0, 2.0], [3.0, 1.0, 9.0, 1.0]])
+    candidates = torch.tensor([[True, True, False, True], [True, True, False, True]])
+    gap = wrong_block_gap(pair_loss, torch.tensor([0, 3]), candidates)
+    assert torch.allclose(gap, torch.tensor([1.5 - 0.5, 2.0 - 1.0]))
+    lonely = torch.tensor([[True, False, False, False]])  # no other masked block: nothing to compare, gap 0
+    assert float(wrong_block_gap(pair_loss[:1], torch.tensor([0]), lonely)[0]) == 0.0
+
+
+def test_block_pooling_takes_exactly_the_tokens_of_each_block():
+    """The parent's block features pool exactly the tokens of each block of the parent."""
     from engine.losses import pool_blocks
     from engine.masking import octant_of_token
     latent = torch.randn(2, 64, 5)

@@ -16,6 +16,8 @@ def test_pretrain_writes_run_folder_and_json_progress(tiny_pretrain_run):
     log = [json.loads(line) for line in (tiny_pretrain_run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2]
     assert {"rec_l1", "rec_l2", "rec_l3", "align_l12", "align_l23"} <= set(log[0])
+    # alignment diagnostics (no gradient): spread of the child outputs, gap to a wrong parent block
+    assert {"align_spread_l12", "align_spread_l23", "align_gap_l12", "align_gap_l23"} <= set(log[0])
     ckpt = torch.load(tiny_pretrain_run / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["config"]["method"] == "mim" and ckpt["kind"] == "pretrain"
     assert any(k.startswith("encoder.") for k in ckpt["model"])
@@ -30,6 +32,8 @@ def test_resume_continues_to_the_requested_step(tiny_pretrain_run, ct_dir, tmp_p
     events = [json.loads(line) for line in result.stdout.splitlines()]
     assert events[0]["event"] == "start" and events[0]["step"] == 2
     assert [e["step"] for e in events if e["event"] == "step"] == [3]
+    step = next(e for e in events if e["event"] == "step")
+    assert {"align_l12", "align_spread_l12", "align_gap_l12", "align_spread_l23", "align_gap_l23"} <= set(step["losses"])
     assert events[-1]["event"] == "done" and events[-1]["path"].endswith("checkpoint.pt")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
     assert len((run / "log.jsonl").read_text().splitlines()) == 3

@@ -64,9 +64,9 @@ class MaskConfig:
 class LossConfig:
     rec_weights: tuple[float, ...] = (1.0, 1.0, 1.0)
     norm_pix: bool = True
-    align: str = "byol"  # byol | ce | none
+    align: str = "byol"  # byol | ce | none (see MiMPretrainer: child vs its parent block's centred target)
     align_weight: float = 0.1
-    align_dim: int = 256
+    align_dim: int = 256  # output width of the alignment projector and predictor
     ce_temperature: float = 0.2
     curriculum: str = "concurrent"  # concurrent | coarse_to_fine | fine_to_coarse
 

@@ -10,7 +10,9 @@ from engine.runtime.checkpoint import unwrap
 
 
 def step_function(model, cfg: PretrainConfig, device: torch.device, masks: torch.Generator):
-    """What one micro-batch does: yields (named losses, the tensor to back-propagate) once or level by level."""
+    """What one micro-batch does: yields (named values, the tensor to back-propagate) once or level by level. The
+    named values are the losses and, for MiM, each level's alignment diagnostics (`align_spread_lXY`,
+    `align_gap_lXY`, computed without gradient); the loop logs all of them."""
     if cfg.method == "hybridmim":
         def step(batch, progress):
             losses = model(batch["image"].to(device).as_tensor(), masks)
@@ -27,6 +29,6 @@ def step_function(model, cfg: PretrainConfig, device: torch.device, masks: torch
             yield losses, losses.pop("loss")
             return
         # alone: back-propagate level by level, and pass by pass within a level
-        for level in model.level_outputs(levels, progress, cfg.train.views_per_pass_on(device)):
-            yield level.losses, level.total
+        for level in model.level_outputs(levels, progress, cfg.train.views_per_pass_on(device), diagnostics=True):
+            yield {**level.losses, **level.diagnostics}, level.total
     return step
