@@ -91,7 +91,11 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--data", required=True, help="folder of CT volumes, or a decathlon dataset JSON")
     p.add_argument("--method", default="mim", help="mim | mae | hybridmim")
     p.add_argument("--preset", default="tiny", help="tiny | small | base")
-    p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
+    length.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                        help="finish within this many minutes, reading the data included (the steps that fit are "
+                        "fixed after timing the first ones, and written to config.yaml)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, config.yaml, log.jsonl")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
@@ -106,8 +110,9 @@ def _add_pretrain(sub) -> None:
 def _pretrain(args) -> None:
     from engine.pretraining.run import PretrainRequest, run_pretrain
     request = PretrainRequest(args.data, args.out, method=args.method, preset=args.preset, steps=args.steps,
-                              resume=args.resume, seed=args.seed, progress=args.progress, device=args.device,
-                              overrides=parse_sets(args.set), check_memory=not args.skip_memory_check)
+                              time_limit=args.time_limit, resume=args.resume, seed=args.seed, progress=args.progress,
+                              device=args.device, overrides=parse_sets(args.set),
+                              check_memory=not args.skip_memory_check)
     run_pretrain(request)
 
 
@@ -250,6 +255,9 @@ def _add_finetune(sub) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     length.add_argument("--epochs", type=int, help="passes over the training cases")
+    length.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                        help="finish within this many minutes, reading the data included: the first steps are timed "
+                        "and the number of steps that fits is fixed (and written to config.yaml)")
     p.add_argument("--out", required=True, help="run folder: model.pt, checkpoint.pt, config.yaml, cases.json, log.jsonl")
     p.add_argument("--freeze-encoder", action="store_true", help="train the new head only")
     p.add_argument("--fold", type=int, help="validate on this fold of dataset.json, train on the others")
@@ -266,9 +274,10 @@ def _add_finetune(sub) -> None:
 
 def _finetune(args) -> None:
     from engine.finetuning.run import FinetuneRequest, run_finetune
-    request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained, preset=args.preset,
-                              steps=args.steps, epochs=args.epochs, freeze_encoder=args.freeze_encoder,
-                              fold=args.fold, train_cases=args.train_cases, seed=args.seed, resume=args.resume,
+    request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained,
+                              preset=args.preset, steps=args.steps, epochs=args.epochs,
+                              time_limit=args.time_limit, freeze_encoder=args.freeze_encoder, fold=args.fold,
+                              train_cases=args.train_cases, seed=args.seed, resume=args.resume,
                               progress=args.progress, device=args.device, overrides=parse_sets(args.set),
                               check_memory=not args.skip_memory_check)
     result = run_finetune(request)
@@ -299,6 +308,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 

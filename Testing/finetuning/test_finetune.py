@@ -1,9 +1,11 @@
 """Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
-finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, and
-classification on synthetic volumes."""
+finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, a time limit,
+and classification on synthetic volumes."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -134,3 +136,37 @@ def test_classification_on_synthetic_volumes(tmp_path, capsys):
     assert steps[-1]["metrics"]["val_cases"] == 2
     model = load_checkpoint(run / "model.pt")
     assert model["kind"] == "classification" and model["classes"] == ["clear", "dense"]
+
+
+def test_time_limit_is_honoured_and_recorded(chest, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["finetune", "--data", str(chest), "--preset", "tiny", "--fold", "0", "--out", str(run)]
+    t0 = time.monotonic()
+    assert main([*args, "--time-limit", "0.5", "--progress", "json"]) == 0
+    elapsed = time.monotonic() - t0
+    # the budget counts from reading the data; a little slack for the exit. Steps timed on cores that other work
+    # shares can take several times longer later on, which no plan can foresee: there only the rest is checked
+    oversubscribed = os.getloadavg()[0] > os.cpu_count()
+    assert elapsed < 30 + 10 or oversubscribed, elapsed
+    events = _events(capsys.readouterr().out)
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    steps = plan["steps"]
+    assert steps >= 2 and plan["step_s"] > 0 and plan["validate_s"] > 0
+    assert all("time_left_s" in e for e in events)
+    left = [e["time_left_s"] for e in events]
+    assert left == sorted(left, reverse=True) and left[0] <= 30
+    assert all(e["total"] == steps for e in events if e["event"] in ("checkpoint", "done"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["steps"] == steps and config["train"]["time_limit"] == 0.5
+    model = load_checkpoint(run / "model.pt")
+    assert model["config"]["train"]["steps"] == steps
+    done = events[-1]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert done["event"] == "done" and done["step"] == len(log) <= steps
+    assert len(log) == steps or "time limit ended the run" in done["message"]
+
+    # --resume keeps the steps the first run chose; it may not ask for another time limit
+    assert main([*args, "--resume", "--time-limit", "1", "--progress", "none"]) == 2
+    assert "drop --time-limit" in capsys.readouterr().err
+    assert main([*args, "--resume", "--steps", str(len(log) + 1), "--progress", "none"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == len(log) + 1
