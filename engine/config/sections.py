@@ -81,6 +81,10 @@ class TrainConfig:
     # whole levels, measured on 2 cores), a whole level on a GPU
     views_per_pass: int | str = "auto"
 
+    def __post_init__(self):
+        if self.amp is False:  # YAML reads `--set train.amp=off` as false
+            object.__setattr__(self, "amp", "off")
+
     def validate(self) -> None:
         check_choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         if self.steps < 1 or self.accumulate < 1 or self.checkpoint_every < 1:

@@ -26,6 +26,7 @@ from engine.training.optim import set_lr, warmup_cosine
 
 # step_fn(batch, progress in [0, 1]) yields (named losses, the tensor to back-propagate), one or more times
 StepFn = Callable[[object, float], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
+MAX_SKIPPED = 5  # optimiser steps in a row whose gradients are not finite before the run is declared diverged
 
 
 @dataclass
@@ -83,7 +84,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
     progress, save, log_path, budget = hooks.progress, hooks.save, hooks.log_path, hooks.budget
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
-    step, losses, out_of_time = start_step, {}, False
+    step, losses, out_of_time, skipped = start_step, {}, False, 0
     total = cfg.steps if budget is None else PROVISIONAL_STEPS
     progress.start(step)
     with StopRequest() as stop:
@@ -94,13 +95,18 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
             losses = _accumulate(model, cfg, batches, step_fn, step, total, device, amp, scaler)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
-            scaler.step(optimizer)
+            skip = grad_norm is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm)
+            if not skip:  # the fp16 grad scaler skips a non-finite step itself
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            skipped = _check_skipped(skipped + 1 if skip else 0, step)
             step += 1
             record = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 4), **losses}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
+            if skip:
+                record["skipped"] = True
             if budget is not None:
                 budget.record_step(record["seconds"])
                 if step < total and budget.overdue(step):  # the machine slowed down: this step is the last
@@ -161,6 +167,17 @@ def _sync_gradients(model, last_micro_batch: bool):
     if last_micro_batch or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def _check_skipped(in_a_row: int, step: int) -> int:
+    """A step whose gradients overflow (finite losses; seen with bf16 autocast on CPUs) is skipped, as the fp16 grad
+    scaler does; MAX_SKIPPED in a row mean the run has diverged."""
+    if in_a_row >= MAX_SKIPPED:
+        raise TrainingDiverged(
+            f"the gradients were not finite for {in_a_row} steps in a row (up to step {step + 1}); nothing was saved "
+            "from these steps. Start a new run (another --out) with a lower learning rate (--set train.lr=...) or in "
+            "full precision (--set train.amp=off)")
+    return in_a_row
 
 
 def _guard(named: dict[str, torch.Tensor], step: int) -> None:
