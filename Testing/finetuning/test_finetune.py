@@ -1,6 +1,6 @@
 """Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
 finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, a time limit,
-and classification on synthetic volumes."""
+augmentation that keeps left and right, and classification on synthetic volumes."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,9 @@ import yaml
 from engine_testing import crop_ct, require_shared_data, run_engine
 
 from engine.cli import main
+from engine.config.finetune import build_finetune_config
 from engine.errors import UserError
+from engine.finetuning.data import IMAGE, LABEL, segmentation_transforms
 from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.runtime.checkpoint import load_checkpoint
 
@@ -80,9 +82,12 @@ def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
 
 
 def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, tmp_path):
+    """Four steps on crops centred on the structures (background centres, drawn from the air around the body too,
+    make four steps too few to compare)."""
     run = tmp_path / "run"
-    run_finetune(FinetuneRequest(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"), preset="tiny", steps=4,
-                 fold=0, train_cases=1, progress="none", overrides={**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3}))
+    settings = {**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3, "crop.neg": 0.0}
+    run_finetune(FinetuneRequest(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"),
+                                 preset="tiny", steps=4, fold=0, train_cases=1, progress="none", overrides=settings))
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 4
     assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
@@ -170,3 +175,42 @@ def test_time_limit_is_honoured_and_recorded(chest, tmp_path, capsys):
     assert "drop --time-limit" in capsys.readouterr().err
     assert main([*args, "--resume", "--steps", str(len(log) + 1), "--progress", "none"]) == 0
     assert load_checkpoint(run / "checkpoint.pt")["step"] == len(log) + 1
+
+
+def _two_sided_case(folder) -> dict:
+    """A body whose right half (RAS x < 0 side) is labelled 1 and left half 2, on a 3 mm grid."""
+    hu = np.zeros((20, 20, 30), np.int16)  # [z, y, x]
+    label = np.zeros_like(hu, dtype=np.uint8)
+    label[4:16, 4:16, 3:15], label[4:16, 4:16, 15:27] = 1, 2
+    paths = {}
+    for key, array in ((IMAGE, hu), (LABEL, label)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((3.0, 3.0, 3.0))
+        paths[key] = str(folder / f"{key}.nii.gz")
+        sitk.WriteImage(image, paths[key])
+    return paths
+
+
+def _label_sides(sample) -> float:
+    """Mean x of label 1 minus mean x of label 2 (model grid): its sign says which side label 1 lies on."""
+    label = np.asarray(sample[LABEL])[0]
+    x = np.arange(label.shape[0])[:, None, None]
+    return float((x * (label == 1)).sum() / (label == 1).sum() - (x * (label == 2)).sum() / (label == 2).sum())
+
+
+def test_segmentation_augmentation_keeps_right_and_left_by_default(tmp_path):
+    """Flip and rotate at every chance: the default axes never move a right-sided label to the left. With the old
+    augmentation (a flip on every axis, rotations in the axial plane) this fails."""
+    case = _two_sided_case(tmp_path)
+    always = {"augment.flip": 1.0, "augment.rotate90": 1.0, "crop.samples": 4}
+    cfg = build_finetune_config("tiny", overrides=always)
+    truth = np.sign(_label_sides(segmentation_transforms(cfg, [0, 1, 2], train=False)(case)))
+    train = segmentation_transforms(cfg, [0, 1, 2], train=True)
+    train.set_random_state(seed=0)
+    sides = [np.sign(_label_sides(sample)) for _ in range(5) for sample in train(case)]
+    assert truth != 0 and all(side == truth for side in sides)
+    old = build_finetune_config("tiny", overrides={**always, "augment.flip_axes": [0, 1, 2],
+                                                   "augment.rotate90_axes": [0, 1]})
+    old_train = segmentation_transforms(old, [0, 1, 2], train=True)
+    old_train.set_random_state(seed=0)
+    assert any(np.sign(_label_sides(sample)) != truth for _ in range(5) for sample in old_train(case))

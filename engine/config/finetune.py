@@ -65,12 +65,26 @@ class CropConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Light augmentation: probabilities of a flip per axis, a 90-degree rotation, an intensity scale/shift."""
+    """Light augmentation: a flip per axis of `flip_axes`, a 90-degree rotation in the plane of `rotate90_axes`, an
+    intensity scale/shift. Axes are those of the model grid, which is RAS: 0 runs right-left, 1 back-front, 2
+    feet-head. Flipping axis 0, or rotating in a plane that holds it, turns a right lung into a left one, so the
+    defaults leave axis 0 alone: a structure with a side keeps it."""
 
-    flip: float = 0.2
+    flip: float = 0.2  # probability of a flip, per axis of flip_axes
+    flip_axes: tuple[int, ...] = (1, 2)
     rotate90: float = 0.2
+    rotate90_axes: tuple[int, ...] = (1, 2)
     intensity: float = 0.5
     intensity_amount: float = 0.1  # scale by 1 +- a, shift by +- a (intensities are windowed to [0, 1])
+
+    def validate(self) -> None:
+        axes_ok = all(a in (0, 1, 2) for a in self.flip_axes + self.rotate90_axes)
+        if not axes_ok or len(set(self.flip_axes)) != len(self.flip_axes):
+            raise UserError(f"augment.flip_axes and augment.rotate90_axes take axes 0, 1, 2 (0: right-left), got "
+                            f"{list(self.flip_axes)} and {list(self.rotate90_axes)}")
+        if len(self.rotate90_axes) != 2 or self.rotate90_axes[0] == self.rotate90_axes[1]:
+            raise UserError(f"augment.rotate90_axes names the plane of the rotation: two different axes, got "
+                            f"{list(self.rotate90_axes)}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,7 @@ class FinetuneConfig:
         self.encoder.validate()
         self.model.validate(self.encoder.patch_size)
         self.crop.validate()
+        self.augment.validate()
         self.val.validate()
         self.train.validate()
         if len(self.data.spacing) != 3 or min(self.data.spacing) <= 0:
