@@ -25,6 +25,7 @@ from engine.errors import UserError
 FINETUNE_PRESET_DIR = PRESET_DIR / "finetune"
 TASKS = ("segmentation", "classification")
 BACKBONES = ("hybrid", "swinunetr")
+DECODERS = ("unetr", "light")  # the hybrid's full-resolution level: UNETR's residual blocks, or one thin convolution
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,12 @@ class ModelConfig:
     backbone: str = "hybrid"
     roi: int = 96  # side of the sliding window and of the training crops, in voxels at data.spacing
     feature_size: int = 48  # UNETR decoder width (SwinUNETR: also its embedding width)
+    decoder: str = "unetr"  # hybrid: "light" thins the full-resolution level to one convolution a side
     head_dropout: float = 0.0  # classification head
 
     def validate(self, patch_size: int) -> None:
         check_choice("model.backbone", self.backbone, BACKBONES)
+        check_choice("model.decoder", self.decoder, DECODERS)
         if self.backbone == "hybrid" and self.roi % patch_size:
             raise UserError(f"model.roi={self.roi} must be a multiple of the encoder's patch size {patch_size}")
         if self.backbone == "swinunetr":

@@ -36,7 +36,7 @@ class SegmentationTask:
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_segmenter(m.backbone, self.cfg.encoder, m.roi, len(self.labels), m.feature_size)
+        return build_segmenter(m.backbone, self.cfg.encoder, m.roi, len(self.labels), m.feature_size, m.decoder)
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, segmentation_transforms(self.cfg, self.values, train=True))

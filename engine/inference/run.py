@@ -115,7 +115,8 @@ class SegmentationPredictor:
         cfg = finetune_config_from_dict(ckpt["config"])
         spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
                          cfg.encoder.in_channels)
-        model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size)
+        model = build_segmenter(cfg.model.backbone, cfg.encoder, spec.roi, len(spec.labels), cfg.model.feature_size,
+                                cfg.model.decoder)
         model.load_state_dict(ckpt["model"])
         return cls(model, spec, settings)
 
