@@ -297,6 +297,9 @@ def _add_infer(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--sw-batch-size", type=_positive_int, metavar="N",
                    help="windows per forward (default: the largest up to 2 that fits in memory)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="skip the post-processing the model chose on validation (keeping the largest connected "
+                   "component of the labels it lists)")
     p.add_argument("--dry-run", action="store_true", help="predict memory and time per volume, segment nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the prediction as JSON")
     _memory_check_arg(p)
@@ -334,7 +337,8 @@ def _infer(args) -> None:
         return
     request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
                            device=args.device, overlap=args.overlap, progress=args.progress,
-                           sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check)
+                           sw_batch_size=args.sw_batch_size, postprocess=args.postprocess,
+                           check_memory=not args.skip_memory_check)
     written = run_infer(request)
     if args.progress != "json":
         print("\n".join(str(p) for p in written))

@@ -64,6 +64,7 @@ def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
     model = load_checkpoint(run / "model.pt")
     assert model["kind"] == "segmentation" and model["labels"] == {"background": 0, "heart": 1, "aorta": 2}
     assert (model["spacing"], model["hu_window"], model["roi"]) == ([3.0, 3.0, 3.0], [-1000, 1000], 32)
+    assert set(model["largest_component"]) <= {"heart", "aorta"}  # chosen on validation, applied by infer
 
     held_out = cases["validation"][0]  # not trained on
     pred = tmp_path / "pred" / "held_out.seg.nrrd"

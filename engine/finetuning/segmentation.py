@@ -1,5 +1,6 @@
 """The segmentation task of fine-tuning: network, batches, DiceCE step, sliding-window validation (mean Dice per
-label), and what model.pt must carry to be used without this code (labels, spacing, window, ROI)."""
+label, and which labels gain from keeping their largest connected component), and what model.pt must carry to be
+used without this code (labels, spacing, window, ROI, post-processing)."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ from monai.networks.utils import one_hot
 from engine.config.finetune import FinetuneConfig
 from engine.data.labelled import CaseSelection, LabelledDataset, verify_cases
 from engine.finetuning.data import IMAGE, LABEL, cached, segmentation_transforms
+from engine.inference.postprocess import helps, keep_largest_components
 from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.distributed import DistInfo
@@ -30,6 +32,7 @@ class SegmentationTask:
         self.values = list(self.labels.values())
         self._validation = None
         self.shard = DistInfo()  # this process's rank among torchrun's
+        self.largest_component: list[str] = []  # labels whose largest component alone scored better, last validation
 
     def check_data(self) -> None:
         verify_cases(self.cases.training + self.cases.validation, self.labels)
@@ -53,20 +56,27 @@ class SegmentationTask:
         return step
 
     def validate(self, model: nn.Module, device: torch.device, amp) -> dict[str, float]:
-        """Sliding-window Dice per label on the validation cases (model grid), and their mean."""
+        """Sliding-window Dice per label on the validation cases (model grid) and their mean, each label scored as
+        inference will give it: its largest connected component alone where that scores better here."""
         if self._validation is None:
             transform = segmentation_transforms(self.cfg, self.values, train=False)
             self._validation = cached(self.cases.validation, transform)
-        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        raw, largest = (DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+                        for _ in range(2))
         n = len(self.labels)
         for item in self._validation:
             probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
                                                  self.cfg.val.overlap, self.cfg.val.sw_batch_size, device, amp)
-            pred = one_hot(probs.argmax(0)[None, None], n)
-            metric(pred, one_hot(_tensor(item[LABEL])[None].long(), n))
-        per_label = metric.aggregate().cpu().numpy()
+            index = probs.argmax(0)  # [X, Y, Z] channel indices
+            truth = one_hot(_tensor(item[LABEL])[None].long(), n)
+            raw(one_hot(index[None, None], n), truth)
+            kept = torch.from_numpy(keep_largest_components(index.numpy(), range(1, n)))
+            largest(one_hot(kept[None, None], n), truth)
         model.train()
-        return dice_metrics(per_label, list(self.labels)[1:])
+        before, after = raw.aggregate().cpu().numpy(), largest.aggregate().cpu().numpy()
+        better = helps(before, after)
+        self.largest_component = [name for name, b in zip(list(self.labels)[1:], better) if b]
+        return dice_metrics(np.where(better, after, before), list(self.labels)[1:])
 
     @staticmethod
     def score(metrics: dict[str, float]) -> float:
@@ -76,7 +86,7 @@ class SegmentationTask:
     def model_extra(self) -> dict:
         d = self.cfg.data
         return {"labels": self.labels, "spacing": list(d.spacing), "hu_window": list(d.hu_window),
-                "roi": self.cfg.model.roi}
+                "roi": self.cfg.model.roi, "largest_component": list(self.largest_component)}
 
 
 def dice_metrics(per_label: np.ndarray, names: list[str]) -> dict[str, float]:
