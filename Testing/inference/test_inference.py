@@ -14,7 +14,7 @@ import torch.nn as nn
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.imageio.volumes import read_input
-from engine.inference.postprocess import helps, keep_largest_component
+from engine.inference.postprocess import keep_largest_component, never_hurts
 from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import save_checkpoint
@@ -65,7 +65,9 @@ def test_only_the_largest_component_is_kept_where_the_model_says():
     labelmap[0:3, 0:3, 0:3], labelmap[6:8, 6:8, 6:8], labelmap[0, 7, 7] = 1, 1, 2
     kept = keep_largest_component(labelmap, 1)
     assert (kept == 1).sum() == 27 and kept[7, 7, 7] == 0 and kept[0, 7, 7] == 2 and (labelmap == 1).sum() == 35
-    assert helps(np.array([0.90, 0.80, np.nan]), np.array([0.95, 0.80, np.nan])) == [True, False, False]
+    before = np.array([[0.90, 0.80, np.nan, 0.7], [0.92, 0.85, np.nan, np.nan]])  # [cases, labels]
+    after = np.array([[0.95, 0.80, np.nan, 0.7], [0.92, 0.84, np.nan, np.nan]])
+    assert never_hurts(before, after) == [True, False, False, True]  # ties count; one worse case rules it out
     image = _two_blobs()
     for largest, small_blob in ((("blob",), 0), ((), 1)):
         spec = ModelSpec({"background": 0, "blob": 1}, (2.0, 2.0, 2.0), WINDOW, roi=16, largest_component=largest)

@@ -16,7 +16,7 @@ from monai.networks.utils import one_hot
 from engine.config.finetune import FinetuneConfig
 from engine.data.labelled import CaseSelection, LabelledDataset, verify_cases
 from engine.finetuning.data import IMAGE, LABEL, cached, segmentation_transforms
-from engine.inference.postprocess import helps, keep_largest_components
+from engine.inference.postprocess import keep_largest_components, never_hurts
 from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.distributed import DistInfo
@@ -57,12 +57,11 @@ class SegmentationTask:
 
     def validate(self, model: nn.Module, device: torch.device, amp) -> dict[str, float]:
         """Sliding-window Dice per label on the validation cases (model grid) and their mean, each label scored as
-        inference will give it: its largest connected component alone where that scores better here."""
+        inference will give it: its largest connected component alone where that never scores worse here."""
         if self._validation is None:
             transform = segmentation_transforms(self.cfg, self.values, train=False)
             self._validation = cached(self.cases.validation, transform)
-        raw, largest = (DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
-                        for _ in range(2))
+        raw, largest = (DiceMetric(include_background=False, reduction="none", ignore_empty=True) for _ in range(2))
         n = len(self.labels)
         for item in self._validation:
             probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
@@ -73,10 +72,10 @@ class SegmentationTask:
             kept = torch.from_numpy(keep_largest_components(index.numpy(), range(1, n)))
             largest(one_hot(kept[None, None], n), truth)
         model.train()
-        before, after = raw.aggregate().cpu().numpy(), largest.aggregate().cpu().numpy()
-        better = helps(before, after)
-        self.largest_component = [name for name, b in zip(list(self.labels)[1:], better) if b]
-        return dice_metrics(np.where(better, after, before), list(self.labels)[1:])
+        before, after = raw.aggregate().cpu().numpy(), largest.aggregate().cpu().numpy()  # [cases, labels]
+        keep = never_hurts(before, after)
+        self.largest_component = [name for name, k in zip(list(self.labels)[1:], keep) if k]
+        return dice_metrics(_case_mean(np.where(keep, after, before)), list(self.labels)[1:])
 
     @staticmethod
     def score(metrics: dict[str, float]) -> float:
@@ -96,6 +95,13 @@ def dice_metrics(per_label: np.ndarray, names: list[str]) -> dict[str, float]:
     metrics = {"val_mean_dice": float(np.mean(finite)) if finite else float("nan")}
     metrics.update({f"dice/{name}": round(v, 6) if math.isfinite(v) else v for name, v in zip(names, values)})
     return metrics
+
+
+def _case_mean(dice: np.ndarray) -> np.ndarray:
+    """[cases, labels] -> [labels], over the cases where each label is scored (NaN where it never is)."""
+    scored = ~np.isnan(dice)
+    totals = np.where(scored, dice, 0.0).sum(0)
+    return np.where(scored.any(0), totals / np.maximum(scored.sum(0), 1), np.nan)
 
 
 def _tensor(x) -> torch.Tensor:
