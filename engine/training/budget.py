@@ -31,6 +31,7 @@ class TimeBudget:
     validate_s: float = 0.0
     save_s: float = 0.0
     steps: int | None = None  # the total, once fixed
+    startup_s: float | None = None  # from the start to the first step (reading the data, building the model)
 
     @classmethod
     def minutes(cls, minutes: float, started: float, warmup_steps: int, validate_every: int | None,
@@ -55,6 +56,8 @@ class TimeBudget:
         return statistics.fmean(timed) if timed else 0.0
 
     def record_step(self, seconds: float) -> None:
+        if not self.step_times:
+            self.startup_s = self.seconds - self.left() - seconds
         self.step_times.append(seconds)
 
     def plans_at(self, step: int) -> bool:
@@ -93,4 +96,4 @@ class TimeBudget:
         """What the run records about its plan."""
         return {"time_limit_s": round(self.seconds, 1), "steps": self.steps, "step_s": round(self.step_s, 3),
                 "validate_s": round(self.validate_s, 2), "save_s": round(self.save_s, 3),
-                "time_left_s": round(self.left(), 1)}
+                "startup_s": round(self.startup_s or 0.0, 1), "time_left_s": round(self.left(), 1)}

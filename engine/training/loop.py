@@ -117,7 +117,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
                 total = budget.plan(step, validate_s, _serialisation_seconds(model, optimizer))
                 if hooks.planned is not None:
                     hooks.planned(total)
-                progress.plan(budget.to_dict())
+                record["plan"] = budget.to_dict()
+                progress.plan(record["plan"])
             if metrics:
                 record["metrics"] = metrics
             _append_log(log_path, record)
