@@ -251,7 +251,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data", required=True, help="dataset.json (segmentation); labels.json or .csv (classification)")
     p.add_argument("--pretrained", default="none", help="a pre-training checkpoint, the MiM authors' checkpoint, "
                    "MONAI's SwinUNETR-SSL model_swinvit.pt, or none")
-    p.add_argument("--preset", default="tiny", help="tiny | small | base")
+    p.add_argument("--preset", help="fast (the default: the recipe measured to learn fastest on a CPU) | tiny (tests) "
+                   "| small | base (the authors', GPU-sized)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     length.add_argument("--epochs", type=int, help="passes over the training cases")
@@ -273,9 +274,10 @@ def _add_finetune(sub) -> None:
 
 
 def _finetune(args) -> None:
+    from engine.config.finetune import DEFAULT_PRESET
     from engine.finetuning.run import FinetuneRequest, run_finetune
     request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained,
-                              preset=args.preset, steps=args.steps, epochs=args.epochs,
+                              preset=args.preset or DEFAULT_PRESET, steps=args.steps, epochs=args.epochs,
                               time_limit=args.time_limit, freeze_encoder=args.freeze_encoder, fold=args.fold,
                               train_cases=args.train_cases, seed=args.seed, resume=args.resume,
                               progress=args.progress, device=args.device, overrides=parse_sets(args.set),

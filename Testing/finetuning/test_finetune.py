@@ -1,6 +1,6 @@
 """Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
 finetune -> infer -> evaluate) on the tiny presets, the loss going down, resume, a frozen encoder, a time limit,
-augmentation that keeps left and right, and classification on synthetic volumes."""
+the default recipe, augmentation that keeps left and right, and classification on synthetic volumes."""
 from __future__ import annotations
 
 import json
@@ -15,10 +15,10 @@ import yaml
 from engine_testing import crop_ct, require_shared_data, run_engine
 
 from engine.cli import main
-from engine.config.finetune import build_finetune_config
+from engine.config.finetune import DEFAULT_PRESET, build_finetune_config
 from engine.errors import UserError
 from engine.finetuning.data import IMAGE, LABEL, segmentation_transforms
-from engine.finetuning.run import FinetuneRequest, run_finetune
+from engine.finetuning.run import FinetuneRequest, FinetuneResult, run_finetune
 from engine.runtime.checkpoint import load_checkpoint
 
 NO_AUGMENT = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0}
@@ -97,8 +97,8 @@ def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, t
 def test_resume_continues_and_freeze_keeps_the_encoder(chest, tiny_pretrain_run, tmp_path, capsys):
     run = tmp_path / "run"
     pretrained = load_checkpoint(tiny_pretrain_run / "checkpoint.pt")["model"]
-    args = ["finetune", "--data", str(chest), "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"),
-            "--out", str(run), "--fold", "1", "--progress", "none", "--freeze-encoder"]
+    args = ["finetune", "--data", str(chest), "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"), "--preset",
+            "tiny", "--out", str(run), "--fold", "1", "--progress", "none", "--freeze-encoder"]
     assert main(args + ["--steps", "1"]) == 0
     assert main(args + ["--steps", "1"]) == 2  # the run folder is taken
     assert "already holds a run" in capsys.readouterr().err
@@ -136,7 +136,7 @@ def test_classification_on_synthetic_volumes(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
     assert main(["finetune", "--task", "classification", "--data", str(tmp_path / "labels.csv"), "--fold", "1",
-                 "--steps", "2", "--out", str(run), "--progress", "json"]) == 0
+                 "--preset", "tiny", "--steps", "2", "--out", str(run), "--progress", "json"]) == 0
     steps = [e for e in _events(capsys.readouterr().out) if e["event"] == "step"]
     assert set(steps[-1]["metrics"]) == {"val_auc", "val_accuracy", "val_cases"}
     assert steps[-1]["metrics"]["val_cases"] == 2
@@ -176,6 +176,17 @@ def test_time_limit_is_honoured_and_recorded(chest, tmp_path, capsys):
     assert "drop --time-limit" in capsys.readouterr().err
     assert main([*args, "--resume", "--steps", str(len(log) + 1), "--progress", "none"]) == 0
     assert load_checkpoint(run / "checkpoint.pt")["step"] == len(log) + 1
+
+
+def test_the_default_preset_is_the_cpu_recipe_not_the_test_preset(monkeypatch, tmp_path, capsys):
+    asked = []
+    monkeypatch.setattr("engine.finetuning.run.run_finetune",
+                        lambda request: asked.append(request) or FinetuneResult(0, tmp_path / "model.pt", {}))
+    assert main(["finetune", "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "r")]) == 0
+    assert asked[0].preset == DEFAULT_PRESET == FinetuneRequest("d", "o").preset != "tiny"
+    cfg = build_finetune_config(DEFAULT_PRESET)
+    assert cfg.model.roi * cfg.data.spacing[0] >= 200  # a window wide enough to tell right from left (mm)
+    assert 0 not in cfg.augment.flip_axes and 0 not in cfg.augment.rotate90_axes
 
 
 def _two_sided_case(folder) -> dict:

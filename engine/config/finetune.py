@@ -1,6 +1,7 @@
-"""Typed fine-tuning configuration. A preset has two halves: the encoder comes from the pre-training preset of the
-same name (`configs/<preset>.yaml`), or from the pre-trained checkpoint when there is one; everything else comes
-from `configs/finetune/<preset>.yaml`. Saved with every run and inside model.pt; frozen after loading."""
+"""Typed fine-tuning configuration. A preset has two halves: the encoder comes from the pre-trained checkpoint when
+there is one, else from the pre-training preset that `configs/finetune/<preset>.yaml` names as `encoder_preset`
+(by default the one of the same name, `configs/<preset>.yaml`); everything else comes from the fine-tuning preset.
+Saved with every run and inside model.pt; frozen after loading."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,20 +10,12 @@ from typing import Any
 
 import yaml
 
-from engine.config.schema import (
-    PRESET_DIR,
-    available_presets,
-    build_dataclass,
-    check_choice,
-    load_preset,
-    merge_trees,
-    to_plain,
-    undot,
-)
+from engine.config.schema import PRESET_DIR, build_dataclass, check_choice, load_preset, merge_trees, to_plain, undot
 from engine.config.sections import DataConfig, EncoderConfig, TrainConfig
 from engine.errors import UserError
 
 FINETUNE_PRESET_DIR = PRESET_DIR / "finetune"
+DEFAULT_PRESET = "fast"  # `finetune` without --preset: the recipe measured to learn fastest on a CPU (see its YAML)
 TASKS = ("segmentation", "classification")
 BACKBONES = ("hybrid", "swinunetr")
 DECODERS = ("unetr", "light")  # the hybrid's full-resolution level: UNETR's residual blocks, or one thin convolution
@@ -60,10 +53,13 @@ class CropConfig:
     samples: int = 2  # crops per volume per step
     pos: float = 1.0
     neg: float = 1.0
+    # voxels of air (-1000 HU) added on every side of a training case after its body crop: where a scan's field of
+    # view hugs the body, crops still see the body's edge against air, and background centres fall in that air
+    air_margin: int = 0
 
     def validate(self) -> None:
-        if self.samples < 1 or self.pos < 0 or self.neg < 0 or self.pos + self.neg == 0:
-            raise UserError(f"crop needs samples >= 1 and pos, neg >= 0 (not both 0), got {self}")
+        if self.samples < 1 or self.pos < 0 or self.neg < 0 or self.pos + self.neg == 0 or self.air_margin < 0:
+            raise UserError(f"crop needs samples >= 1, pos, neg >= 0 (not both 0) and air_margin >= 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -133,21 +129,24 @@ class FinetuneConfig:
         return to_plain(dataclasses.asdict(self))
 
 
+def finetune_presets() -> list[str]:
+    return sorted(p.stem for p in FINETUNE_PRESET_DIR.glob("*.yaml"))
+
+
 def load_finetune_preset(name: str) -> dict[str, Any]:
-    presets = sorted(p.stem for p in FINETUNE_PRESET_DIR.glob("*.yaml"))
-    if name not in presets:
-        check_choice("preset", name, tuple(presets))
+    if name not in finetune_presets():
+        check_choice("preset", name, tuple(finetune_presets()))
     with open(FINETUNE_PRESET_DIR / f"{name}.yaml") as f:
         return yaml.safe_load(f) or {}
 
 
 def build_finetune_config(preset: str, task: str = "segmentation", encoder: dict | None = None,
                           overrides: dict[str, Any] | None = None) -> FinetuneConfig:
-    """Fine-tune preset, the encoder (the checkpoint's if given, else the pre-training preset's), then overrides."""
-    if preset not in available_presets():
-        check_choice("preset", preset, tuple(available_presets()))
+    """Fine-tune preset, the encoder (the checkpoint's if given, else the preset's pre-training preset's), then
+    overrides."""
     tree = load_finetune_preset(preset)
-    tree["encoder"] = dict(encoder) if encoder is not None else load_preset(preset).get("encoder", {})
+    encoder_preset = tree.pop("encoder_preset", preset)
+    tree["encoder"] = dict(encoder) if encoder is not None else load_preset(encoder_preset).get("encoder", {})
     tree = merge_trees(tree, undot(overrides or {}))
     tree["task"], tree["preset"] = task, preset
     return finetune_config_from_dict(tree).validate()

@@ -53,6 +53,8 @@ def segmentation_transforms(cfg: FinetuneConfig, label_values: list[int], train:
     steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window, label_values), _crop_body(keys, cfg.data.hu_window)]
     if not train:
         return T.Compose([*steps, T.EnsureTyped(keys, dtype=torch.float32, track_meta=False)])
+    if cfg.crop.air_margin:
+        steps.append(T.BorderPadd(keys, spatial_border=cfg.crop.air_margin, mode="constant"))  # 0: the window's low end, air
     steps += [
         T.SpatialPadd(keys, spatial_size=roi, mode="constant"),
         T.FgBgToIndicesd(LABEL),

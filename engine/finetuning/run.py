@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from engine.config.finetune import TASKS, FinetuneConfig, build_finetune_config, finetune_config_from_dict
+from engine.config.finetune import (
+    DEFAULT_PRESET,
+    TASKS,
+    FinetuneConfig,
+    build_finetune_config,
+    finetune_config_from_dict,
+)
 from engine.config.schema import check_choice
 from engine.data.labelled import CaseSelection, load_classification_dataset, load_dataset, select_cases
 from engine.errors import UserError
@@ -46,7 +52,7 @@ class FinetuneRequest:
     out: str  # the run folder
     task: str = "segmentation"
     pretrained: str | None = None  # a checkpoint of ours, the authors' MiM, SwinUNETR weights; None: from scratch
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     steps: int | None = None  # --steps, or
     epochs: int | None = None  # --epochs (every training case once per epoch), or
     time_limit: float | None = None  # --time-limit: minutes for the whole run; none of them: the preset's length
