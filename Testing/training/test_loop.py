@@ -109,6 +109,14 @@ def test_the_budget_fits_steps_validations_and_checkpoints_in_what_is_left():
     # and the checkpoints at 5, 10, ... before step N: N = 64 costs 60 + 6 x 3 + 12 x 0.5 = 84 s; N = 63 costs 83 s
     assert steps == 63
     assert not budget.overdue(steps)
+    slow = _budget(100.0, spent=10.0, validate_every=10)
+    for seconds in (1.0, 1.0, 1.0):
+        slow.record_step(seconds)
+    slow.plan(2, validate_s=3.0, save_s=0.5)
+    slow.started -= 75.0  # 85 s spent: 15 s left, enough for one more step and the last validation at the plan's pace
+    assert not slow.overdue(3)
+    slow.record_step(4.0)  # ... but not at four times that pace
+    assert slow.overdue(4)
     late = _budget(100.0, spent=97.0, validate_every=10)
     late.record_step(1.0)
     late.record_step(1.0)

@@ -31,6 +31,7 @@ class TimeBudget:
     validate_s: float = 0.0
     save_s: float = 0.0
     steps: int | None = None  # the total, once fixed
+    planned_step_s: float = 0.0  # the step time the total was fixed with
     startup_s: float | None = None  # from the start to the first step (reading the data, building the model)
 
     @classmethod
@@ -66,7 +67,7 @@ class TimeBudget:
 
     def plan(self, step: int, validate_s: float, save_s: float) -> int:
         """Fix the total: the most steps whose remaining cost fits in what is left (every rank agrees on it)."""
-        self.validate_s, self.save_s = validate_s, save_s
+        self.validate_s, self.save_s, self.planned_step_s = validate_s, save_s, self.step_s
         room = self.left() - self.margin - self.validate_s - self.save_s  # the last validation and checkpoint
         total = step + max(0, int(room / self._cost_per_step()))
         while total > step and self._cost(step, total) > room:
@@ -75,9 +76,15 @@ class TimeBudget:
         return self.steps
 
     def overdue(self, step: int) -> bool:
-        """True when one more step, then the last validation and checkpoint, would not fit (agreed by all ranks)."""
-        needed = self.step_s + self.validate_s + self.save_s + self.margin / 2
-        return distributed.any_rank(self.steps is not None and self.left() < needed)
+        """True when one more step, then the last validation and checkpoint, would not fit (agreed by all ranks).
+        Costs are taken at the pace of the latest step where that is slower than the planned one: when other work
+        takes the cores, a step can take ten times as long, and the last validation with it."""
+        if self.steps is None:
+            return False
+        pace = self.planned_step_s or self.step_s
+        slowdown = max(1.0, self.step_times[-1] / pace) if pace > 0 else 1.0
+        needed = (pace + self.validate_s + self.save_s) * slowdown + self.margin / 2
+        return distributed.any_rank(self.left() < needed)
 
     def _cost_per_step(self) -> float:
         per_step = self.step_s
