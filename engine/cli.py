@@ -399,6 +399,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--pretrained", help="loop: the MiM pre-training checkpoint to start from (default: pre-train "
                    "one here, briefly)")
     p.add_argument("--minutes", type=_positive_float, help="loop: budget of each fine-tuning (default: 10)")
+    p.add_argument("--task", action="append", choices=("lungs", "tumour"),
+                   help="loop: only this task (repeatable; default: the profile's, lungs and tumour in full)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="loop: a fine-tuning setting, e.g. --set data.spacing=[3,3,3]")
 
@@ -407,6 +409,7 @@ def _add_bench(sub) -> None:
         from engine.bench.run import run_bench
         mode = "tiny" if args.tiny else "quick" if args.quick else "full"
         report = run_bench(mode, json_out=args.json, amp=args.amp, seg_preset=args.preset, section=args.section,
-                           pretrained=args.pretrained, loop_minutes=args.minutes, loop_overrides=parse_sets(args.set))
+                           pretrained=args.pretrained, loop_minutes=args.minutes, loop_overrides=parse_sets(args.set),
+                           loop_tasks=tuple(args.task or ()))
         print(format_report(report))
     p.set_defaults(func=run)

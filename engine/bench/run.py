@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.bench.inference import CONTENDERS, LABELS, InferenceJob, measure_whole_ct, prepare_ct, segmentation_config
-from engine.bench.loop import LOOP_PROFILES, LoopProfile, bench_loop, loop_files
+from engine.bench.loop import LOOP_PROFILES, TASKS, LoopProfile, bench_loop, loop_files
 from engine.bench.machine import gemm_peak, machine_info, rss_gb
 from engine.bench.report import judge_targets
 from engine.bench.training import FinetuneJob, PretrainJob, measure_finetune, measure_pretrain
@@ -129,15 +129,16 @@ def _with_process_times(fn: Callable, *args) -> dict:
 def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto", seg_preset: str | None = None,
               data_dir: str | Path | None = None, echo: Callable[[str], None] | None = None, section: str = "all",
               pretrained: str | None = None, loop_minutes: float | None = None,
-              loop_overrides: dict | None = None) -> dict:
+              loop_overrides: dict | None = None, loop_tasks: tuple[str, ...] | None = None) -> dict:
     """Run every measurement of the profile (progress lines to `echo`, default stderr), write the JSON report if
     asked; returns the report (`bench_report.format_report` makes the table). `section="loop"` runs the
     radiologist's loop alone, with `seg_preset` (default: the default fine-tuning recipe), `loop_minutes` and
-    `loop_overrides` as its fine-tuning settings and `pretrained` as its MiM encoder (else pre-trained here)."""
+    `loop_overrides` as its fine-tuning settings, `loop_tasks` (default: the profile's) and `pretrained` as its MiM
+    encoder (else pre-trained here)."""
     check_choice("--amp", amp, ("auto", "bf16", "fp16", "off"))
     check_choice("bench section", section, SECTIONS)
     profile = _profile(mode, seg_preset if section == "all" else None)
-    loop = _loop_profile(mode, seg_preset if section == "loop" else None, loop_minutes, loop_overrides)
+    loop = _loop_profile(mode, seg_preset if section == "loop" else None, loop_minutes, loop_overrides, loop_tasks)
     data = Path(data_dir) if data_dir else SHARED_DATA
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     _check_data(data, section, loop, pretrained)
@@ -163,9 +164,12 @@ def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto"
     return report
 
 
-def _loop_profile(mode: str, preset: str | None, minutes: float | None, overrides: dict | None) -> LoopProfile:
-    """The mode's loop profile with the settings asked for; a bad preset or setting is refused here."""
-    changes = {"preset": preset, "minutes": minutes, "overrides": overrides}
+def _loop_profile(mode: str, preset: str | None, minutes: float | None, overrides: dict | None,
+                  tasks: tuple[str, ...] | None) -> LoopProfile:
+    """The mode's loop profile with the settings asked for; a bad preset, setting or task is refused here."""
+    for task in tasks or ():
+        check_choice("loop task", task, tuple(TASKS))
+    changes = {"preset": preset, "minutes": minutes, "overrides": overrides, "tasks": tuple(tasks or ())}
     profile = replace(LOOP_PROFILES[mode], **{k: v for k, v in changes.items() if v})
     build_finetune_config(profile.preset, overrides=profile.overrides)
     return profile
