@@ -96,7 +96,11 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--method", help="mim | mae | hybridmim (default: mim)")
     p.add_argument("--preset", help="tiny | small | base (default: tiny)")
     _config_arg(p)
-    p.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
+    length.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                        help="finish within this many minutes, reading the data included (the steps that fit are "
+                        "fixed after timing the first ones, and written to config.yaml)")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, config.yaml, log.jsonl, progress.png")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, help="default: the --config file's, else 0")
@@ -113,8 +117,9 @@ def _pretrain(args) -> None:
     from engine.pretraining.run import PretrainRequest, run_pretrain
     _check_config_alone(args, ("method", "preset"))
     request = PretrainRequest(args.data, args.out, method=args.method or "mim", preset=args.preset or "tiny",
-                              steps=args.steps, resume=args.resume, seed=args.seed, progress=args.progress,
-                              device=args.device, overrides=parse_sets(args.set), config=args.config,
+                              steps=args.steps, time_limit=args.time_limit, resume=args.resume, seed=args.seed,
+                              progress=args.progress, device=args.device, overrides=parse_sets(args.set),
+                              config=args.config,
                               check_memory=not args.skip_memory_check)
     run_pretrain(request)
 
@@ -278,11 +283,15 @@ def _add_finetune(sub) -> None:
     p.add_argument("--data", required=True, help="dataset.json (segmentation); labels.json or .csv (classification)")
     p.add_argument("--pretrained", default="none", help="a pre-training checkpoint, the MiM authors' checkpoint, "
                    "MONAI's SwinUNETR-SSL model_swinvit.pt, or none")
-    p.add_argument("--preset", help="tiny | small | base (default: tiny)")
+    p.add_argument("--preset", help="fast (the default: the recipe measured to learn fastest on a CPU) | tiny (tests) "
+                   "| small | base (the authors', GPU-sized)")
     _config_arg(p)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="optimiser steps (default: the preset's)")
     length.add_argument("--epochs", type=int, help="passes over the training cases")
+    length.add_argument("--time-limit", type=_positive_float, metavar="MINUTES",
+                        help="finish within this many minutes, reading the data included: the first steps are timed "
+                        "and the number of steps that fits is fixed (and written to config.yaml)")
     p.add_argument("--out", required=True, help="run folder: model.pt, MODEL_CARD.md, checkpoint.pt, config.yaml, "
                    "cases.json, log.jsonl, progress.png")
     p.add_argument("--freeze-encoder", action="store_true", help="train the new head only")
@@ -300,13 +309,15 @@ def _add_finetune(sub) -> None:
 
 
 def _finetune(args) -> None:
+    from engine.config.finetune import DEFAULT_PRESET
     from engine.finetuning.run import FinetuneRequest, run_finetune
     _check_config_alone(args, ("preset",))
     request = FinetuneRequest(args.data, args.out, task=args.task, pretrained=args.pretrained,
-                              preset=args.preset or "tiny", steps=args.steps, epochs=args.epochs,
-                              freeze_encoder=args.freeze_encoder, fold=args.fold, train_cases=args.train_cases,
-                              seed=args.seed, resume=args.resume, progress=args.progress, device=args.device,
-                              overrides=parse_sets(args.set), config=args.config,
+                              preset=args.preset or DEFAULT_PRESET, steps=args.steps, epochs=args.epochs,
+                              time_limit=args.time_limit, freeze_encoder=args.freeze_encoder, fold=args.fold,
+                              train_cases=args.train_cases, seed=args.seed, resume=args.resume,
+                              progress=args.progress, device=args.device, overrides=parse_sets(args.set),
+                              config=args.config,
                               check_memory=not args.skip_memory_check)
     result = run_finetune(request)
     if args.progress != "json":
@@ -325,6 +336,9 @@ def _add_infer(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--sw-batch-size", type=_positive_int, metavar="N",
                    help="windows per forward (default: the largest up to 2 that fits in memory)")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="skip the post-processing the model chose on validation (keeping the largest connected "
+                   "component of the labels it lists)")
     p.add_argument("--dry-run", action="store_true", help="predict memory and time per volume, segment nothing")
     p.add_argument("--json", action="store_true", help="with --dry-run: print the prediction as JSON")
     _memory_check_arg(p)
@@ -336,6 +350,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
@@ -355,7 +376,8 @@ def _infer(args) -> None:
         return
     request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
                            device=args.device, overlap=args.overlap, progress=args.progress,
-                           sw_batch_size=args.sw_batch_size, check_memory=not args.skip_memory_check)
+                           sw_batch_size=args.sw_batch_size, postprocess=args.postprocess,
+                           check_memory=not args.skip_memory_check)
     written = run_infer(request)
     if args.progress != "json":
         print("\n".join(str(p) for p in written))

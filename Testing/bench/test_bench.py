@@ -1,6 +1,8 @@
 """`engine bench` end to end at the test suite's size (`--tiny`, real CT): it runs, prints its table and writes the
-JSON report with the keys runs are compared by. No timing assertions: figures need only be positive and finite.
-The judging of targets is pinned on hand-made reports."""
+JSON report with the keys runs are compared by; `engine bench loop --tiny` runs the radiologist's loop alone (a
+fine-tuning within seconds, from scratch and from a MiM encoder it pre-trains, then an unseen CT segmented and
+scored). No timing assertions: figures need only be positive and finite. The judging of targets is pinned on
+hand-made reports."""
 from __future__ import annotations
 
 import json
@@ -18,8 +20,20 @@ REQUIRED = {
     "pretrain": ("mim_base_step_s", "mim_base_peak_rss_gb", "mae_base_view_step_s", "hybridmim_unet_step_s",
                  "hybridmim_unet_full_recon_step_s"),
     "finetune": ("step_s", "epoch_s"),
+    "loop": ("lungs_scratch_finetune_s", "lungs_mim_finetune_s"),
 }
+LOOP_RUN = ("model", "finetune_s", "budget_s", "steps", "planned_steps", "step_s", "dice", "hd95_mm", "infer_s")
 MACHINE = ("cpu", "cores", "torch", "threads", "flags", "bf16_autocast")
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory) -> tuple[dict, str]:
+    require_shared_data()
+    if not (SHARED_DATA / "lungs-2mm").is_dir():
+        pytest.skip("the loop needs ../shared/data/lungs-2mm")
+    out = tmp_path_factory.mktemp("loop") / "loop.json"
+    result = run_engine("bench", "loop", "--tiny", "--json", str(out))
+    return json.loads(out.read_text()), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +54,7 @@ def test_report_carries_the_keys_runs_are_compared_by(bench):
         assert set(keys) <= set(report[section]), section
     assert set(report["inference"]["contenders"]) == {"ours", "swinunetr", "unet"}
     assert report["inference"]["ct"]["cropped"]
+    assert set(report["loop"]["runs"]) == {"lungs_scratch", "lungs_mim"}
 
 
 def test_every_figure_is_positive_and_finite(bench):
@@ -55,9 +70,46 @@ def test_every_figure_is_positive_and_finite(bench):
 
 def test_table_names_contenders_runs_and_targets_and_tiny_judges_nothing(bench):
     report, stdout = bench
-    for word in ("swinunetr", "unet", "mim_base", "hybridmim_unet_full_recon", "fine-tuning", "targets", "--tiny"):
+    for word in ("swinunetr", "unet", "mim_base", "hybridmim_unet_full_recon", "fine-tuning", "radiologist's loop",
+                 "targets", "--tiny"):
         assert word in stdout
     assert report["targets"] and all(row["met"] is None for row in report["targets"])
+
+
+def test_the_loop_trains_within_its_budget_and_scores_an_unseen_case(loop):
+    report, stdout = loop
+    assert report["section"] == "loop" and "tiny" in report["note"]
+    assert not {"inference", "pretrain", "finetune"} & set(report)  # the loop alone
+    section = report["loop"]
+    assert section["budget_min"] > 0 and section["pretrained"]["source"] == "bench"
+    assert section["pretrained"]["steps"] >= 1
+    assert set(section["runs"]) == {"lungs_scratch", "lungs_mim"}
+    for name, run in section["runs"].items():
+        assert "error" not in run, f"{name}: {run.get('error')}"
+        assert set(LOOP_RUN) <= set(run), name
+        assert 1 <= run["steps"] <= run["planned_steps"]
+        (case,) = run["dice"]
+        assert case == "mirp_lung1_001" and set(run["dice"][case]) == {"lung_right", "lung_left"}
+        assert all(0.0 <= d <= 1.0 for d in run["dice"][case].values())
+        assert section[f"{name}_min_dice"] == min(run["dice"][case].values())
+    for word in ("radiologist's loop", "lungs_scratch", "lungs_mim", "mirp_lung1_001", "lung_left"):
+        assert word in stdout
+    rows = {r["key"]: r for r in report["targets"]}
+    assert rows["loop.lungs_scratch_min_dice"]["met"] is None  # tiny judges nothing
+    assert "inference.ours_s" in rows and rows["inference.ours_s"]["met"] is None
+
+
+def test_the_loop_targets_need_its_ten_minute_budget():
+    def loop(minutes: float, dice: float, seconds: float) -> dict:
+        section = {"budget_min": minutes, "lungs_scratch_min_dice": dice, "lungs_scratch_finetune_s": seconds}
+        return {"mode": "full", "section": "loop", "loop": section}
+    rows = {r["key"]: r["met"] for r in judge_targets(loop(10.0, 0.93, 598.0))}
+    assert rows["loop.lungs_scratch_min_dice"] is True and rows["loop.lungs_scratch_finetune_s"] is True
+    assert rows["inference.ours_s"] is None and rows["loop.lungs_mim_min_dice"] is None  # not run
+    rows = {r["key"]: r["met"] for r in judge_targets(loop(10.0, 0.85, 640.0))}
+    assert rows["loop.lungs_scratch_min_dice"] is False and rows["loop.lungs_scratch_finetune_s"] is False
+    rows = {r["key"]: r["met"] for r in judge_targets(loop(3.0, 0.93, 170.0))}
+    assert rows["loop.lungs_scratch_min_dice"] is None  # --quick's 3 minutes
 
 
 def _report(mode: str, cropped: bool, preset: str, **figures) -> dict:
@@ -82,7 +134,10 @@ def test_targets_are_judged_only_where_the_run_measured_what_they_speak_of():
 
 
 @pytest.mark.parametrize("settings, message", [(dict(seg_preset="tiny"), "SwinUNETR"), (dict(seg_preset="bse"), "base"),
-                                               (dict(amp="fp32"), "--amp"), (dict(mode="slow"), "bench mode")])
+                                               (dict(amp="fp32"), "--amp"), (dict(mode="slow"), "bench mode"),
+                                               (dict(section="loop", seg_preset="fsat"), "fast"),
+                                               (dict(section="loop", loop_overrides={"model.rio": 64}), "model.roi"),
+                                               (dict(section="loop", pretrained="/no/such.pt"), "no such checkpoint")])
 def test_bad_settings_are_refused_before_anything_runs(settings, message, tmp_path):
     with pytest.raises(UserError, match=message):
         run_bench(**{"mode": "full", **settings}, json_out=str(tmp_path / "never.json"), echo=pytest.fail)

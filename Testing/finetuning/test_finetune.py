@@ -1,9 +1,12 @@
 """Fine-tuning on real labelled CT (../shared/data/ct-2mm, cropped small): the CLI end to end (data index ->
 finetune -> infer -> evaluate) on the tiny presets, from the MiM authors' checkpoint too, the loss going down, resume,
-a frozen encoder, and classification on synthetic volumes."""
+a frozen encoder, a time limit, the default recipe, augmentation that keeps left and right, and classification on
+synthetic volumes."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -14,8 +17,10 @@ from authors_format import MODEL_NAMES, authors_checkpoint, authors_pretrain_nam
 from engine_testing import crop_ct, require_shared_data, run_engine
 
 from engine.cli import main
+from engine.config.finetune import DEFAULT_PRESET, build_finetune_config
 from engine.errors import UserError
-from engine.finetuning.run import FinetuneRequest, run_finetune
+from engine.finetuning.data import IMAGE, LABEL, segmentation_transforms
+from engine.finetuning.run import FinetuneRequest, FinetuneResult, run_finetune
 from engine.runtime.checkpoint import load_checkpoint
 
 NO_AUGMENT = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0}
@@ -61,6 +66,7 @@ def test_cli_end_to_end_on_real_ct(chest, tiny_pretrain_run, tmp_path, capsys):
     model = load_checkpoint(run / "model.pt")
     assert model["kind"] == "segmentation" and model["labels"] == {"background": 0, "heart": 1, "aorta": 2}
     assert (model["spacing"], model["hu_window"], model["roi"]) == ([3.0, 3.0, 3.0], [-1000, 1000], 32)
+    assert set(model["largest_component"]) <= {"heart", "aorta"}  # chosen on validation, applied by infer
 
     held_out = cases["validation"][0]  # not trained on
     pred = tmp_path / "pred" / "held_out.seg.nrrd"
@@ -101,9 +107,12 @@ def test_finetune_from_the_authors_checkpoint_then_infer(chest, tmp_path, capsys
 
 
 def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, tmp_path):
+    """Four steps on crops centred on the structures (background centres, drawn from the air around the body too,
+    make four steps too few to compare)."""
     run = tmp_path / "run"
-    run_finetune(FinetuneRequest(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"), preset="tiny", steps=4,
-                 fold=0, train_cases=1, progress="none", overrides={**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3}))
+    settings = {**NO_AUGMENT, "val.every": 100, "train.lr": 2e-3, "crop.neg": 0.0}
+    run_finetune(FinetuneRequest(str(chest), str(run), pretrained=str(tiny_pretrain_run / "checkpoint.pt"),
+                                 preset="tiny", steps=4, fold=0, train_cases=1, progress="none", overrides=settings))
     losses = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 4
     assert np.mean(losses[-2:]) < 0.85 * losses[0], losses
@@ -112,8 +121,8 @@ def test_a_few_steps_on_one_real_case_lower_the_loss(chest, tiny_pretrain_run, t
 def test_resume_continues_and_freeze_keeps_the_encoder(chest, tiny_pretrain_run, tmp_path, capsys):
     run = tmp_path / "run"
     pretrained = load_checkpoint(tiny_pretrain_run / "checkpoint.pt")["model"]
-    args = ["finetune", "--data", str(chest), "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"),
-            "--out", str(run), "--fold", "1", "--progress", "none", "--freeze-encoder"]
+    args = ["finetune", "--data", str(chest), "--pretrained", str(tiny_pretrain_run / "checkpoint.pt"), "--preset",
+            "tiny", "--out", str(run), "--fold", "1", "--progress", "none", "--freeze-encoder"]
     assert main(args + ["--steps", "1"]) == 0
     assert main(args + ["--steps", "1"]) == 2  # the run folder is taken
     assert "already holds a run" in capsys.readouterr().err
@@ -151,7 +160,7 @@ def test_classification_on_synthetic_volumes(tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     run = tmp_path / "run"
     assert main(["finetune", "--task", "classification", "--data", str(tmp_path / "labels.csv"), "--fold", "1",
-                 "--steps", "2", "--out", str(run), "--progress", "json"]) == 0
+                 "--preset", "tiny", "--steps", "2", "--out", str(run), "--progress", "json"]) == 0
     steps = [e for e in _events(capsys.readouterr().out) if e["event"] == "step"]
     assert set(steps[-1]["metrics"]) == {"val_auc", "val_accuracy", "val_cases"}
     assert steps[-1]["metrics"]["val_cases"] == 2
@@ -203,3 +212,87 @@ def test_a_window_other_than_pre_trainings_is_warned_once_and_recorded(chest, pr
     assert config["pretrained_data"] == {"spacing": [4.0, 4.0, 4.0], "hu_window": [-500.0, 500.0]}
     assert weights["data"] == {"spacing": [4.0, 4.0, 4.0], "hu_window": [-175.0, 250.0]}
     assert weights["pretrained_data"] == config["pretrained_data"]
+
+
+def test_time_limit_is_honoured_and_recorded(chest, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["finetune", "--data", str(chest), "--preset", "tiny", "--fold", "0", "--out", str(run)]
+    t0 = time.monotonic()
+    assert main([*args, "--time-limit", "0.5", "--progress", "json"]) == 0
+    elapsed = time.monotonic() - t0
+    # the budget counts from reading the data; a little slack for the exit. Steps timed on cores that other work
+    # shares can take several times longer later on, which no plan can foresee: there only the rest is checked
+    oversubscribed = os.getloadavg()[0] > os.cpu_count()
+    assert elapsed < 30 + 10 or oversubscribed, elapsed
+    events = _events(capsys.readouterr().out)
+    (plan,) = [e for e in events if e["event"] == "plan"]
+    steps = plan["steps"]
+    assert steps >= 2 and plan["step_s"] > 0 and plan["validate_s"] > 0
+    assert all("time_left_s" in e for e in events)
+    left = [e["time_left_s"] for e in events]
+    assert left == sorted(left, reverse=True) and left[0] <= 30
+    assert all(e["total"] == steps for e in events if e["event"] in ("checkpoint", "done"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["train"]["steps"] == steps and config["train"]["time_limit"] == 0.5
+    model = load_checkpoint(run / "model.pt")
+    assert model["config"]["train"]["steps"] == steps
+    done = events[-1]
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert done["event"] == "done" and done["step"] == len(log) <= steps
+    assert len(log) == steps or "time limit ended the run" in done["message"]
+
+    # --resume keeps the steps the first run chose; it may not ask for another time limit
+    assert main([*args, "--resume", "--time-limit", "1", "--progress", "none"]) == 2
+    assert "drop --time-limit" in capsys.readouterr().err
+    assert main([*args, "--resume", "--steps", str(len(log) + 1), "--progress", "none"]) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == len(log) + 1
+
+
+def test_the_default_preset_is_the_cpu_recipe_not_the_test_preset(monkeypatch, tmp_path, capsys):
+    asked = []
+    monkeypatch.setattr("engine.finetuning.run.run_finetune",
+                        lambda request: asked.append(request) or FinetuneResult(0, tmp_path / "model.pt", {}))
+    assert main(["finetune", "--data", str(tmp_path / "d.json"), "--out", str(tmp_path / "r")]) == 0
+    assert asked[0].preset == DEFAULT_PRESET == FinetuneRequest("d", "o").preset != "tiny"
+    cfg = build_finetune_config(DEFAULT_PRESET)
+    assert cfg.model.roi * cfg.data.spacing[0] >= 200  # a window wide enough to tell right from left (mm)
+    assert 0 not in cfg.augment.flip_axes and 0 not in cfg.augment.rotate90_axes
+
+
+def _two_sided_case(folder) -> dict:
+    """A body whose right half (RAS x < 0 side) is labelled 1 and left half 2, on a 3 mm grid."""
+    hu = np.zeros((20, 20, 30), np.int16)  # [z, y, x]
+    label = np.zeros_like(hu, dtype=np.uint8)
+    label[4:16, 4:16, 3:15], label[4:16, 4:16, 15:27] = 1, 2
+    paths = {}
+    for key, array in ((IMAGE, hu), (LABEL, label)):
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing((3.0, 3.0, 3.0))
+        paths[key] = str(folder / f"{key}.nii.gz")
+        sitk.WriteImage(image, paths[key])
+    return paths
+
+
+def _label_sides(sample) -> float:
+    """Mean x of label 1 minus mean x of label 2 (model grid): its sign says which side label 1 lies on."""
+    label = np.asarray(sample[LABEL])[0]
+    x = np.arange(label.shape[0])[:, None, None]
+    return float((x * (label == 1)).sum() / (label == 1).sum() - (x * (label == 2)).sum() / (label == 2).sum())
+
+
+def test_segmentation_augmentation_keeps_right_and_left_by_default(tmp_path):
+    """Flip and rotate at every chance: the default axes never move a right-sided label to the left. With the old
+    augmentation (a flip on every axis, rotations in the axial plane) this fails."""
+    case = _two_sided_case(tmp_path)
+    always = {"augment.flip": 1.0, "augment.rotate90": 1.0, "crop.samples": 4}
+    cfg = build_finetune_config("tiny", overrides=always)
+    truth = np.sign(_label_sides(segmentation_transforms(cfg, [0, 1, 2], train=False)(case)))
+    train = segmentation_transforms(cfg, [0, 1, 2], train=True)
+    train.set_random_state(seed=0)
+    sides = [np.sign(_label_sides(sample)) for _ in range(5) for sample in train(case)]
+    assert truth != 0 and all(side == truth for side in sides)
+    old = build_finetune_config("tiny", overrides={**always, "augment.flip_axes": [0, 1, 2],
+                                                   "augment.rotate90_axes": [0, 1]})
+    old_train = segmentation_transforms(old, [0, 1, 2], train=True)
+    old_train.set_random_state(seed=0)
+    assert any(np.sign(_label_sides(sample)) != truth for _ in range(5) for sample in old_train(case))

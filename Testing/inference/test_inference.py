@@ -1,5 +1,6 @@
 """Inference: sliding-window machinery against an analytic predictor, exact geometry restoration on anisotropic,
-oblique and left-handed inputs, DICOM series input, and label names surviving to the written labelmap."""
+oblique and left-handed inputs, DICOM series input, label names surviving to the written labelmap, and the
+largest-component post-processing that model.pt chooses."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.imageio.volumes import read_input
 from engine.inference.preflight import count_windows
+from engine.inference.postprocess import keep_largest_component, never_hurts
 from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import save_checkpoint
@@ -51,6 +53,35 @@ def test_sliding_window_reproduces_a_pointwise_predictor_exactly():
         assert probs.shape == (2, 37, 20, 9)
         assert torch.allclose(probs, expected, atol=1e-5)
         assert sum(forwards) == count_windows((37, 20, 9), 16, 0.5) * (4 if tta else 1) and max(forwards) <= 3
+
+
+def _two_blobs(spacing=(2.0, 2.0, 2.0)) -> sitk.Image:
+    """Soft tissue with a large bright blob and a small one apart from it."""
+    hu = np.full((24, 24, 24), 0, np.int16)  # [z, y, x]
+    hu[4:14, 4:14, 4:14] = 400
+    hu[18:21, 18:21, 18:21] = 400
+    image = sitk.GetImageFromArray(hu)
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_only_the_largest_component_is_kept_where_the_model_says():
+    labelmap = np.zeros((8, 8, 8), np.uint8)
+    labelmap[0:3, 0:3, 0:3], labelmap[6:8, 6:8, 6:8], labelmap[0, 7, 7] = 1, 1, 2
+    kept = keep_largest_component(labelmap, 1)
+    assert (kept == 1).sum() == 27 and kept[7, 7, 7] == 0 and kept[0, 7, 7] == 2 and (labelmap == 1).sum() == 35
+    before = np.array([[0.90, 0.80, np.nan, 0.7], [0.92, 0.85, np.nan, np.nan]])  # [cases, labels]
+    after = np.array([[0.95, 0.80, np.nan, 0.7], [0.92, 0.84, np.nan, np.nan]])
+    assert never_hurts(before, after) == [True, False, False, True]  # ties count; one worse case rules it out
+    image = _two_blobs()
+    for largest, small_blob in ((("blob",), 0), ((), 1)):
+        spec = ModelSpec({"background": 0, "blob": 1}, (2.0, 2.0, 2.0), WINDOW, roi=16, largest_component=largest)
+        out = sitk.GetArrayFromImage(SegmentationPredictor(Threshold(_level()), spec).predict(image).labelmap)
+        assert out[5:13, 5:13, 5:13].all() and out[19, 19, 19] == small_blob
+    settings = InferenceSettings(postprocess=False)
+    spec = ModelSpec({"background": 0, "blob": 1}, (2.0, 2.0, 2.0), WINDOW, roi=16, largest_component=("blob",))
+    assert sitk.GetArrayFromImage(SegmentationPredictor(Threshold(_level()), spec, settings).predict(image).labelmap)[
+        19, 19, 19] == 1
 
 
 def _phantom(size, spacing, direction, origin=(-40.0, 25.0, 300.0)) -> tuple[sitk.Image, np.ndarray]:

@@ -1,7 +1,7 @@
-"""Models: MAE gather equals drop-after-encode, no leak from masked voxels, every parameter learns, alignment
-compares a child with its parent's block (not with itself, the authors' defect), against centred targets that no
-constant matches, and ce chooses among the parent's masked blocks only; the encoder's two variants (ours, with the
-keys it always had, and the authors')."""
+"""Models: MAE gather equals drop-after-encode, no leak from masked voxels, every parameter learns (pre-training
+models and both segmenter decoders), alignment compares a child with its parent's block (not with itself, the
+authors' defect), against centred targets that no constant matches, and ce chooses among the parent's masked blocks
+only; the encoder's two variants (ours, with the keys it always had, and the authors')."""
 import dataclasses
 import json
 from pathlib import Path
@@ -21,6 +21,7 @@ from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
 from engine.models.hybrid_encoder import HybridEncoder, depthwise, gather_tokens
 from engine.runtime.device import guard_small_convolutions
+from engine.models.segmenter import HybridSegmenter
 
 
 VARIANTS = ("mimslicer", "authors")
@@ -181,6 +182,27 @@ def test_every_parameter_gets_a_finite_gradient(method, overrides):
     assert not missing, f"parameters without gradient: {missing}"
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.grad).all()]
     assert not bad, f"non-finite gradients: {bad}"
+
+
+@pytest.mark.parametrize("decoder", ["unetr", "light"])
+def test_segmenter_gives_logits_and_every_parameter_learns(decoder):
+    torch.manual_seed(0)
+    model = HybridSegmenter(build_config("tiny").encoder, 32, 3, feature_size=8, decoder=decoder)
+    logits = model(torch.rand(2, 1, 32, 32, 32))
+    assert logits.shape == (2, 3, 32, 32, 32)
+    logits.square().mean().backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, f"parameters without a finite gradient: {bad}"
+
+
+def test_the_light_decoder_thins_only_the_full_resolution_level():
+    unetr, light = (HybridSegmenter(build_config("tiny").encoder, 32, 3, feature_size=8, decoder=d).state_dict()
+                    for d in ("unetr", "light"))
+    full_res = ("skips.0.", "ups.3.", "out.")
+    assert {k: v.shape for k, v in unetr.items() if not k.startswith(full_res)} == \
+        {k: v.shape for k, v in light.items() if not k.startswith(full_res)}
+    assert sum(v.numel() for k, v in light.items() if k.startswith(full_res)) < \
+        sum(v.numel() for k, v in unetr.items() if k.startswith(full_res)) / 3
 
 
 def test_level_by_level_backward_equals_one_summed_backward():

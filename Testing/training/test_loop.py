@@ -1,7 +1,9 @@
-"""The shared training loop: NaN guard, accumulation, schedule, checkpoints every N steps."""
+"""The shared training loop: NaN guard, skipped steps, accumulation, schedule, checkpoints every N steps, and the
+time budget's arithmetic."""
 import itertools
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from engine.config.pretrain import build_config
 from engine.config.sections import TrainConfig
 from engine.errors import TrainingDiverged
 from engine.runtime.progress import Progress
-from engine.training.loop import LoopHooks, train_loop
+from engine.training.budget import TimeBudget
+from engine.training.loop import MAX_SKIPPED, LoopHooks, train_loop
 from engine.training.optim import warmup_cosine
 
 
@@ -69,3 +72,63 @@ def test_warmup_then_cosine():
     lrs = [warmup_cosine(s, 100, 10, 1.0, 0.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+def _overflowing_gradients(bad_steps):
+    """A step function whose loss stays finite but whose gradients overflow at the given (1-based) calls."""
+    calls = itertools.count(1)
+
+    def step_fn(model, batch):
+        loss = (model(batch) - 1).pow(2).mean()
+        scale = float("inf") if next(calls) in bad_steps else 1.0
+        yield {"loss": loss}, loss * scale
+    return step_fn
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_logged(tmp_path):
+    _, _, model = _run(tmp_path, _overflowing_gradients(set()), steps=3)
+    reference = [p.detach().clone() for p in model.parameters()]
+    (tmp_path / "log.jsonl").unlink()
+    _, _, model = _run(tmp_path, _overflowing_gradients({2}), steps=3)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in log] == [False, True, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))  # one update fewer
+
+
+def test_gradients_that_stay_non_finite_stop_the_run(tmp_path):
+    with pytest.raises(TrainingDiverged, match=f"not finite for {MAX_SKIPPED} steps in a row"):
+        _run(tmp_path, _overflowing_gradients(set(range(1, 100))), steps=10)
+
+
+def test_train_amp_off_survives_yaml():
+    assert TrainConfig(amp=False).amp == "off"  # `--set train.amp=off` is YAML's false
+
+
+def _budget(seconds, spent, **kw) -> TimeBudget:
+    return TimeBudget(seconds, time.monotonic() - spent, **kw)
+
+
+def test_the_budget_fits_steps_validations_and_checkpoints_in_what_is_left():
+    budget = _budget(100.0, spent=10.0, validate_every=10, checkpoint_every=5)
+    for seconds in (5.0, 1.0, 1.0, 1.0):  # the first step's one-off cost is left out
+        budget.record_step(seconds)
+    assert budget.step_s == pytest.approx(1.0)
+    steps = budget.plan(4, validate_s=3.0, save_s=0.5)
+    # left 90 s - margin 3 - last validation 3 - last save 0.5 = 83.5 s for steps 5..N, the validations at 10, 20, ...
+    # and the checkpoints at 5, 10, ... before step N: N = 64 costs 60 + 6 x 3 + 12 x 0.5 = 84 s; N = 63 costs 83 s
+    assert steps == 63
+    assert not budget.overdue(steps)
+    slow = _budget(100.0, spent=10.0, validate_every=10)
+    for seconds in (1.0, 1.0, 1.0):
+        slow.record_step(seconds)
+    slow.plan(2, validate_s=3.0, save_s=0.5)
+    slow.started -= 75.0  # 85 s spent: 15 s left, enough for one more step and the last validation at the plan's pace
+    assert not slow.overdue(3)
+    slow.record_step(4.0)  # ... but not at four times that pace
+    assert slow.overdue(4)
+    late = _budget(100.0, spent=97.0, validate_every=10)
+    late.record_step(1.0)
+    late.record_step(1.0)
+    assert late.plan(2, validate_s=3.0, save_s=0.5) == 2  # nothing more fits: stop now
+    assert late.overdue(2)

@@ -61,7 +61,7 @@ def finetune_step_flops(cfg: FinetuneConfig, out_channels: int) -> float:
     """One step of segmentation fine-tuning: every crop of the batch through the segmenter and back."""
     m = cfg.model
     with META:
-        model = build_segmenter(m.backbone, cfg.encoder, m.roi, out_channels, m.feature_size)
+        model = build_segmenter(m.backbone, cfg.encoder, m.roi, out_channels, m.feature_size, m.decoder)
     crops = torch.zeros(cfg.data.batch_size * cfg.crop.samples, cfg.encoder.in_channels, m.roi, m.roi, m.roi,
                         device=META)  # [B * samples, C, R, R, R]
     with flop_counter() as counter:

@@ -66,7 +66,7 @@ def segmentation_config(preset: str, overrides: dict) -> FinetuneConfig:
 def build_contender(name: str, cfg: FinetuneConfig, out_channels: int, swin_feature_size: int) -> nn.Module:
     m, in_channels = cfg.model, cfg.encoder.in_channels
     if name == "ours":
-        return build_segmenter(m.backbone, cfg.encoder, m.roi, out_channels, m.feature_size)
+        return build_segmenter(m.backbone, cfg.encoder, m.roi, out_channels, m.feature_size, m.decoder)
     if name == "swinunetr":
         return SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=swin_feature_size)
     if name == "unet":

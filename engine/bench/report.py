@@ -1,6 +1,7 @@
-"""The benchmark's targets (issue 8) and its printed table. A target is judged only where the run measured what it
-speaks of: absolute whole-CT figures need the whole CT (not `--quick`'s crop), pre-training targets need the
-`base` preset, and `--tiny` (the test suite's size) judges nothing."""
+"""The benchmark's targets (issue 8, and the radiologist's loop) and its printed table. A target is judged only where
+the run measured what it speaks of: absolute whole-CT figures need the whole CT (not `--quick`'s crop), pre-training
+targets need the `base` preset, the loop's targets its 10-minute budget, and `--tiny` (the test suite's size)
+judges nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ class Target:
     unit: str = ""
     whole_ct: bool = False  # an absolute whole-CT figure: a cropped CT cannot judge it
     base_preset: bool = False  # a figure of the `base` pre-training preset
+    loop_budget: float | None = None  # a figure of the radiologist's loop with this budget (minutes)
     reference: str = ""  # what the issue compares with
 
 
@@ -35,6 +37,11 @@ TARGETS = (
            base_preset=True, reference="authors' code 17.1 s, 7.1 GB"),
     Target("fine-tune, preset's whole run (3 cases)", "finetune", "preset_run_s", 600.0, unit="s",
            reference="to a usable model; quality is the study's question"),
+    *(t for start in ("scratch", "mim") for t in (
+        Target(f"loop, lungs from {start}: worst Dice, unseen", "loop", f"lungs_{start}_min_dice", 0.90,
+               at_most=False, loop_budget=10.0, reference="each lung of each unseen case; a threshold gets 0.96"),
+        Target(f"loop, lungs from {start}: fine-tune wall time", "loop", f"lungs_{start}_finetune_s", 600.0,
+               unit="s", loop_budget=10.0, reference="reading the data included"))),
 )
 
 
@@ -54,6 +61,10 @@ def judge_targets(report: dict) -> list[dict]:
 def _not_judged(t: Target, report: dict) -> str:
     if report["mode"] == "tiny":
         return "tiny sizes"
+    if t.section not in report:
+        return f"no {t.section} section in this run"
+    if t.loop_budget is not None and report["loop"].get("budget_min") != t.loop_budget:
+        return f"budget {report['loop'].get('budget_min')} min, not {t.loop_budget:g}"
     if t.whole_ct and report["inference"].get("ct", {}).get("cropped"):
         return "CT cropped (--quick)"
     if t.base_preset and report["pretrain"].get("preset") != "base":
@@ -62,20 +73,24 @@ def _not_judged(t: Target, report: dict) -> str:
 
 
 def format_report(report: dict) -> str:
-    """The table printed at the end of a run."""
-    return "\n".join([*_header(report), "", *_inference_table(report["inference"]), "",
-                      *_pretrain_table(report["pretrain"]), "", *_finetune_lines(report["finetune"]), "",
-                      *_target_table(report["targets"])])
+    """The table printed at the end of a run (the sections it ran)."""
+    parts = [_header(report)]
+    tables = (("inference", _inference_table), ("pretrain", _pretrain_table), ("finetune", _finetune_lines),
+              ("loop", loop_table))
+    parts += [table(report[name]) for name, table in tables if name in report]
+    parts.append(_target_table(report["targets"]))
+    return "\n\n".join("\n".join(lines) for lines in parts)
 
 
 def _header(report: dict) -> list[str]:
-    m, inf = report["machine"], report["inference"]
+    m, inf = report["machine"], report.get("inference")
     flags = " ".join(m.get("flags", [])) or "none"
-    lines = [f"MiMSlicer bench ({report['mode']}, commit {report.get('commit')}, {report.get('date')}) on "
-             f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} threads, torch {m.get('torch')}, "
-             f"autocast {m.get('autocast_dtype')} (flags: {flags})",
-             f"dense GEMM: fp32 {_num(inf.get('gemm_fp32_gflops'))}, bf16 {_num(inf.get('gemm_bf16_gflops'))} "
-             f"GFLOP/s -> peak {_num(inf.get('gemm_peak_gflops'))}"]
+    lines = [f"MiMSlicer bench ({report['mode']}{', loop' if report.get('section') == 'loop' else ''}, commit "
+             f"{report.get('commit')}, {report.get('date')}) on {m.get('cpu')}, {m.get('cores')} cores, "
+             f"{m.get('threads')} threads, torch {m.get('torch')}, autocast {m.get('autocast_dtype')} (flags: {flags})"]
+    if inf is not None:
+        lines.append(f"dense GEMM: fp32 {_num(inf.get('gemm_fp32_gflops'))}, bf16 {_num(inf.get('gemm_bf16_gflops'))} "
+                     f"GFLOP/s -> peak {_num(inf.get('gemm_peak_gflops'))}")
     if report.get("note"):
         lines.append(f"NOTE: {report['note']}")
     load = (m.get("load_avg_start") or [0.0])[0]
@@ -125,6 +140,38 @@ def _finetune_lines(ft: dict) -> list[str]:
             f"{ft['cases']} labelled cases): {ft['step_s']:.2f} s/step ({ft['gflops']:.1f} GFLOP/s), "
             f"{ft['epoch_s']:.1f} s/epoch ({ft['steps_per_epoch']} steps); the preset's {ft['preset_steps']} steps "
             f"would take {ft['preset_run_s'] / 60:.1f} min"]
+
+
+def loop_table(loop: dict) -> list[str]:
+    """One row per fine-tuning of the loop: wall time against the budget, steps, and Dice per label per unseen case."""
+    pre = loop.get("pretrained") or {}
+    lines = [f"radiologist's loop ({loop['preset']} preset{_overrides(loop)}, budget {loop['budget_min']:g} min per "
+             "fine-tuning, reading the data included; Dice per label on CTs it never saw, at their own 2 mm grid)"]
+    if pre:
+        lines.append(f"  MiM encoder: {_pretrained_line(pre)}")
+    for key, r in loop.get("runs", {}).items():
+        if "error" in r:
+            lines.append(f"  {key:<15}failed: {r['error']}")
+            continue
+        limit = " (time limit ended it early)" if r.get("out_of_time") else ""
+        lines.append(f"  {key:<15}{r['finetune_s']:>6.0f} s of {r['budget_s']:.0f} (to the first step "
+                     f"{_num(r.get('startup_s'))} s), {r['steps']} steps at {r['step_s']:.2f} s{limit}")
+        for case, dice in (r.get("dice") or {}).items():
+            scores = ", ".join(f"{name} {_num(d)}" for name, d in dice.items())
+            lines.append(f"  {'':<15}{case:<26}{scores}  ({r['infer_s'][case]:.0f} s to segment)")
+    return lines
+
+
+def _overrides(loop: dict) -> str:
+    return "".join(f", {k}={v}" for k, v in (loop.get("overrides") or {}).items())
+
+
+def _pretrained_line(pre: dict) -> str:
+    if "error" in pre:
+        return f"failed: {pre['error']}"
+    minutes = f", {pre['train_minutes']:g} min" if pre.get("train_minutes") else ""
+    where = "pre-trained by this run" if pre.get("source") == "bench" else f"given, {pre.get('path')}"
+    return f"{pre.get('method')} {pre.get('preset')} preset, {pre.get('steps')} steps{minutes} ({where})"
 
 
 def _target_table(rows: list[dict]) -> list[str]:

@@ -5,7 +5,9 @@ side by side in one run on this machine (every figure is best read as a ratio to
    batch and output channels (`bench_inference`), against this machine's dense-GEMM peak (`bench_machine`);
 2. pre-training seconds per step and peak RSS: MiM `base` on one 192^3 crop, MAE on one 96^3 view, HybridMIM on
    the UNet backbone with and without partial reconstruction (`bench_training`);
-3. fine-tuning seconds per step and per epoch of the segmentation preset on real labelled CT.
+3. fine-tuning seconds per step and per epoch of the segmentation preset on real labelled CT;
+4. the radiologist's loop (`bench_loop`, alone as `bench loop`): a few labelled CTs, fine-tuning within a time
+   budget, CTs it never saw segmented and scored (Dice per label per case), from scratch and from MiM.
 
 Each measurement runs in a process of its own (forked from a server that has imported torch and MONAI once), so
 peak memory never mixes. The table and the targets come from `bench_report`."""
@@ -23,9 +25,11 @@ from pathlib import Path
 from typing import Callable
 
 from engine.bench.inference import CONTENDERS, LABELS, InferenceJob, measure_whole_ct, prepare_ct, segmentation_config
+from engine.bench.loop import LOOP_PROFILES, TASKS, LoopProfile, bench_loop, loop_files
 from engine.bench.machine import gemm_peak, machine_info, rss_gb
 from engine.bench.report import judge_targets
 from engine.bench.training import FinetuneJob, PretrainJob, measure_finetune, measure_pretrain
+from engine.config.finetune import build_finetune_config
 from engine.config.schema import check_choice
 from engine.errors import UserError
 from engine.runtime.atomic import write_json
@@ -38,8 +42,9 @@ FINETUNE_VALIDATION = ("pycerr_pat_2",)
 FINETUNE_LABELS = {"background": 0, "GTV-1": 1}
 VALIDATE_AT_END = 10**9  # fine-tuning validates after its last step only: the bench times training steps
 # imported once by the forkserver; torch._dynamo is what the first optimiser imports (seconds)
-PRELOAD = ["engine.bench.inference", "engine.bench.training", "engine.pretraining.run", "engine.finetuning.run",
-           "torch._dynamo"]
+PRELOAD = ["engine.bench.inference", "engine.bench.training", "engine.bench.loop", "engine.pretraining.run",
+           "engine.finetuning.run", "engine.inference.run", "torch._dynamo"]
+SECTIONS = ("all", "loop")  # every measurement, or the radiologist's loop alone
 
 
 @dataclass(frozen=True)
@@ -122,32 +127,52 @@ def _with_process_times(fn: Callable, *args) -> dict:
 
 
 def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto", seg_preset: str | None = None,
-              data_dir: str | Path | None = None, echo: Callable[[str], None] | None = None) -> dict:
+              data_dir: str | Path | None = None, echo: Callable[[str], None] | None = None, section: str = "all",
+              pretrained: str | None = None, loop_minutes: float | None = None,
+              loop_overrides: dict | None = None, loop_tasks: tuple[str, ...] | None = None) -> dict:
     """Run every measurement of the profile (progress lines to `echo`, default stderr), write the JSON report if
-    asked; returns the report (`bench_report.format_report` makes the table)."""
+    asked; returns the report (`bench_report.format_report` makes the table). `section="loop"` runs the
+    radiologist's loop alone, with `seg_preset` (default: the default fine-tuning recipe), `loop_minutes` and
+    `loop_overrides` as its fine-tuning settings, `loop_tasks` (default: the profile's) and `pretrained` as its MiM
+    encoder (else pre-trained here)."""
     check_choice("--amp", amp, ("auto", "bf16", "fp16", "off"))
-    profile = _profile(mode, seg_preset)
+    check_choice("bench section", section, SECTIONS)
+    profile = _profile(mode, seg_preset if section == "all" else None)
+    loop = _loop_profile(mode, seg_preset if section == "loop" else None, loop_minutes, loop_overrides, loop_tasks)
     data = Path(data_dir) if data_dir else SHARED_DATA
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    _check_data(data)
+    _check_data(data, section, loop, pretrained)
     t0 = time.perf_counter()
     run = IsolatedRunner(echo)
-    echo(f"bench ({profile.mode}): every measurement in its own process, one after the other")
+    echo(f"bench ({profile.mode}{', loop' if section == 'loop' else ''}): every measurement in its own process, "
+         "one after the other")
+    report = {"mode": profile.mode, "section": section, "note": profile.note if section == "all" else loop.note}
     with tempfile.TemporaryDirectory(prefix="mimslicer-bench-") as tmp:
-        machine = run("machine", machine_info, amp)
-        gemm = run("dense GEMM peak", gemm_peak, profile.gemm_size, profile.gemm_budget_s)
-        inference = _inference(run, profile, amp, data, Path(tmp), gemm)
-        pretrain = _pretrain(run, profile, amp, data, Path(tmp))
-        finetune = run(f"fine-tuning, {profile.seg_preset} preset", measure_finetune,
-                       _finetune_job(profile, amp, data, Path(tmp)))
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    report = {"mode": profile.mode, "note": profile.note, "date": now, "commit": _commit(), "machine": machine,
-              "inference": inference, "pretrain": pretrain, "finetune": finetune}
+        report["machine"] = run("machine", machine_info, amp)
+        if section == "all":
+            gemm = run("dense GEMM peak", gemm_peak, profile.gemm_size, profile.gemm_budget_s)
+            report["inference"] = _inference(run, profile, amp, data, Path(tmp), gemm)
+            report["pretrain"] = _pretrain(run, profile, amp, data, Path(tmp))
+            report["finetune"] = run(f"fine-tuning, {profile.seg_preset} preset", measure_finetune,
+                                     _finetune_job(profile, amp, data, Path(tmp)))
+        report["loop"] = bench_loop(run, loop, amp, data, Path(tmp) / "loop", pretrained)
+    report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_commit())
     report["targets"] = judge_targets(report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if json_out:
         write_json(report, Path(json_out))
     return report
+
+
+def _loop_profile(mode: str, preset: str | None, minutes: float | None, overrides: dict | None,
+                  tasks: tuple[str, ...] | None) -> LoopProfile:
+    """The mode's loop profile with the settings asked for; a bad preset, setting or task is refused here."""
+    for task in tasks or ():
+        check_choice("loop task", task, tuple(TASKS))
+    changes = {"preset": preset, "minutes": minutes, "overrides": overrides, "tasks": tuple(tasks or ())}
+    profile = replace(LOOP_PROFILES[mode], **{k: v for k, v in changes.items() if v})
+    build_finetune_config(profile.preset, overrides=profile.overrides)
+    return profile
 
 
 def _profile(mode: str, seg_preset: str | None) -> BenchProfile:
@@ -162,14 +187,18 @@ def _profile(mode: str, seg_preset: str | None) -> BenchProfile:
     return profile
 
 
-def _check_data(data: Path) -> None:
-    needed = [data / NATIVE_CT, *(data / p.pretrain_ct for p in PROFILES.values()),
-              *(data / LABELLED_DIR / f"{s}_{kind}.nii.gz" for s in FINETUNE_TRAINING + FINETUNE_VALIDATION
-                for kind in ("ct", "label"))]
+def _check_data(data: Path, section: str, loop, pretrained: str | None) -> None:
+    needed = loop_files(data, loop)
+    if section == "all":
+        needed += [data / NATIVE_CT, *(data / p.pretrain_ct for p in PROFILES.values()),
+                   *(data / LABELLED_DIR / f"{s}_{kind}.nii.gz" for s in FINETUNE_TRAINING + FINETUNE_VALIDATION
+                     for kind in ("ct", "label"))]
     missing = [p for p in needed if not p.exists()]
     if missing:
         raise UserError(f"the benchmark reads real CT from {data} (the project's ../shared/data); "
                         f"missing: {missing[0]}")
+    if pretrained and not Path(pretrained).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint")
 
 
 def _inference(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, tmp: Path, gemm: dict) -> dict:

@@ -80,16 +80,25 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 1
     seed: int = 0
+    # minutes the whole run may take, reading the data included; the run times its first steps and one validation,
+    # then fixes `steps` to what fits (and records it here). None: `steps` as given
+    time_limit: float | None = None
     # MiM/MAE in one process (DDP runs a step as one pass): at most this many views of a level per forward and
     # backward, 0 = a level's views at once. Same gradients; fewer activations alive at a time. "auto": 1 on a
     # CPU (the fastest there, and the smallest: MiM base 57 s and 3.7 GB per step against 122 s and 18 GB for
     # whole levels, measured on 2 cores), a whole level on a GPU
     views_per_pass: int | str = "auto"
 
+    def __post_init__(self):
+        if self.amp is False:  # YAML reads `--set train.amp=off` as false
+            object.__setattr__(self, "amp", "off")
+
     def validate(self) -> None:
         check_choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         if self.steps < 1 or self.accumulate < 1 or self.checkpoint_every < 1:
             raise UserError("train.steps, train.accumulate and train.checkpoint_every must be >= 1")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise UserError(f"train.time_limit (--time-limit) is in minutes and must be positive, got {self.time_limit}")
         if self.views_per_pass != "auto" and not (isinstance(self.views_per_pass, int) and self.views_per_pass >= 0):
             raise UserError(f"train.views_per_pass must be 'auto' or an integer >= 0 (0: all views of a level in one "
                             f"pass), got {self.views_per_pass!r}")

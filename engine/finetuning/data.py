@@ -1,5 +1,6 @@
-"""Fine-tuning data: cases read onto the model grid (`geometry.to_model_grid`, the same path inference takes),
-cached in memory, then random foreground-weighted crops with light augmentation."""
+"""Fine-tuning data: cases read onto the model grid (`geometry.to_model_grid`, the same path inference takes), cropped
+to the body, padded to the ROI, their foreground and background voxels listed once, cached in memory; then random
+crops centred on foreground or background with light augmentation that keeps left and right."""
 from __future__ import annotations
 
 import math
@@ -10,10 +11,11 @@ from monai import transforms as T
 from monai.data import CacheDataset
 
 from engine.config.finetune import FinetuneConfig
-from engine.imageio.geometry import body_level, body_select, image_array, label_to_grid, to_model_grid, window
+from engine.imageio.geometry import body_select, image_array, label_to_grid, to_model_grid, window
 from engine.imageio.volumes import array_xyz, read_image
 
 IMAGE, LABEL = "image", "label"
+FG, BG = LABEL + "_fg_indices", LABEL + "_bg_indices"  # FgBgToIndicesd's keys
 
 
 class LoadCase:
@@ -44,18 +46,24 @@ def _crop_body(keys, hu_window) -> T.CropForegroundd:
 
 
 def segmentation_transforms(cfg: FinetuneConfig, label_values: list[int], train: bool) -> T.Compose:
+    """Training: everything up to the voxel lists is deterministic (CacheDataset computes it once per case); the
+    crops then pick their centres from those lists. Background centres are drawn from every voxel that is not
+    foreground, air outside the body included, so that the network learns air as background."""
     keys, roi, a = [IMAGE, LABEL], (cfg.model.roi,) * 3, cfg.augment
-    steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window, label_values), _crop_body(keys, cfg.data.hu_window),
-             T.EnsureTyped(keys, dtype=torch.float32, track_meta=False)]
+    steps = [LoadCase(cfg.data.spacing, cfg.data.hu_window, label_values), _crop_body(keys, cfg.data.hu_window)]
     if not train:
-        return T.Compose(steps)
+        return T.Compose([*steps, T.EnsureTyped(keys, dtype=torch.float32, track_meta=False)])
+    if cfg.crop.air_margin:
+        steps.append(T.BorderPadd(keys, spatial_border=cfg.crop.air_margin, mode="constant"))  # 0: the window's low end, air
     steps += [
         T.SpatialPadd(keys, spatial_size=roi, mode="constant"),
+        T.FgBgToIndicesd(LABEL),
+        T.EnsureTyped(keys, dtype=torch.float32, track_meta=False),
         T.RandCropByPosNegLabeld(keys, label_key=LABEL, spatial_size=roi, pos=cfg.crop.pos, neg=cfg.crop.neg,
-                                 num_samples=cfg.crop.samples, image_key=IMAGE,
-                                 image_threshold=body_level(cfg.data.hu_window)),
-        *(T.RandFlipd(keys, prob=a.flip, spatial_axis=axis) for axis in range(3)),
-        T.RandRotate90d(keys, prob=a.rotate90, max_k=3, spatial_axes=(0, 1)),
+                                 num_samples=cfg.crop.samples, fg_indices_key=FG, bg_indices_key=BG),
+        T.DeleteItemsd([FG, BG]),
+        *(T.RandFlipd(keys, prob=a.flip, spatial_axis=axis) for axis in a.flip_axes),
+        T.RandRotate90d(keys, prob=a.rotate90, max_k=3, spatial_axes=tuple(a.rotate90_axes)),
         T.RandScaleIntensityd(IMAGE, factors=a.intensity_amount, prob=a.intensity),
         T.RandShiftIntensityd(IMAGE, offsets=a.intensity_amount, prob=a.intensity),
     ]
@@ -69,7 +77,7 @@ def classification_transforms(cfg: FinetuneConfig, train: bool) -> T.Compose:
              T.Resized(IMAGE, spatial_size=roi, mode="trilinear"),
              T.EnsureTyped(IMAGE, dtype=torch.float32, track_meta=False)]
     if train:
-        steps += [*(T.RandFlipd(IMAGE, prob=a.flip, spatial_axis=axis) for axis in range(3)),
+        steps += [*(T.RandFlipd(IMAGE, prob=a.flip, spatial_axis=axis) for axis in a.flip_axes),
                   T.RandScaleIntensityd(IMAGE, factors=a.intensity_amount, prob=a.intensity),
                   T.RandShiftIntensityd(IMAGE, offsets=a.intensity_amount, prob=a.intensity)]
     return T.Compose(steps)

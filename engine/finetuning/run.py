@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from engine.config.finetune import (
+    DEFAULT_PRESET,
     TASKS,
     FinetuneConfig,
     build_finetune_config,
@@ -40,6 +42,7 @@ from engine.runtime.checkpoint import save_checkpoint, unwrap
 from engine.runtime.device import amp_dtype
 from engine.runtime.progress import Progress
 from engine.runtime.versions import software_versions
+from engine.training.budget import TimeBudget
 from engine.training.loop import LoopHooks, train_loop
 from engine.training.optim import build_optimizer
 from engine.training.run_folder import RunFolder
@@ -57,9 +60,10 @@ class FinetuneRequest:
     out: str  # the run folder
     task: str = "segmentation"
     pretrained: str | None = None  # a checkpoint of ours, the authors' MiM, SwinUNETR weights; None: from scratch
-    preset: str = "tiny"
+    preset: str = DEFAULT_PRESET
     steps: int | None = None  # --steps, or
-    epochs: int | None = None  # --epochs (every training case once per epoch); neither: the preset's length
+    epochs: int | None = None  # --epochs (every training case once per epoch), or
+    time_limit: float | None = None  # --time-limit: minutes for the whole run; none of them: the preset's length
     freeze_encoder: bool = False
     fold: int | None = None
     train_cases: int | None = None
@@ -84,21 +88,24 @@ class FinetuneResult:
     model_path: Path
     best: dict
     stopped_early: bool = False
+    out_of_time: bool = False  # the time limit ended the run before the steps it planned
 
 
 def run_finetune(request: FinetuneRequest) -> FinetuneResult:
     """Fine-tune alone or as one of torchrun's processes (DDP); only rank 0 reports and writes."""
-    return distributed.in_process_group(_finetune, request)
+    started = time.monotonic()  # a time limit counts from here: reading the data is part of the run
+    return distributed.in_process_group(lambda req, info, dev: _finetune(req, info, dev, started), request)
 
 
-def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.device) -> FinetuneResult:
+def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.device,
+              started: float) -> FinetuneResult:
     check_choice("task", request.task, TASKS)
     folder = RunFolder.open(request.out, f"finetune-{request.task}", info, request.resume)
     dataset = _load_data(request.task, request.data)
     cases = _cases(folder.resumed, dataset, request)
     weights = _pretrained(request.pretrained) if folder.resumed is None else None
     cfg = _resolve_config(folder.resumed, request, weights, info.is_main)
-    cfg = _with_length(cfg, len(cases.training), request.steps, request.epochs)
+    cfg = _with_length(cfg, len(cases.training), request, folder.resumed is not None)
     job = TASK_TYPES[request.task](cfg, dataset, cases)
     job.shard = info
     job.check_data()
@@ -111,7 +118,8 @@ def _finetune(request: FinetuneRequest, info: distributed.DistInfo, dev: torch.d
     folder.seed(cfg.train.seed)
     model = _build_model(job, weights, folder)
     about = _about(folder.resumed, request.data, cases, weights)
-    return _train(job, model, folder, dev, request.progress, about)
+    budget = _budget(job.cfg, started) if folder.resumed is None else None  # a resumed run keeps its steps
+    return _train(job, model, folder, dev, request.progress, about, budget)
 
 
 def _build_model(job, weights: PretrainedWeights | None, folder: RunFolder) -> nn.Module:
@@ -137,30 +145,58 @@ def _about(ckpt: dict | None, data: str, cases: CaseSelection, weights: Pretrain
     return {"provenance": provenance, "versions": software_versions()}
 
 
-def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progress: str,
-           about: dict) -> FinetuneResult:
-    cfg, cases, info = job.cfg, job.cases, folder.info
+def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progress: str, about: dict,
+           budget: TimeBudget | None) -> FinetuneResult:
+    cases, info = job.cases, folder.info
     model = model.to(device)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, job.cfg.train)
     best = dict(folder.restore(model, optimizer).get("best") or {"score": None, "step": None, "metrics": {}})
     model = folder.wrap(model, device)
-    amp = amp_dtype(cfg.train.amp, device)
-    reporter = Progress(progress if info.is_main else "none", stage="finetune", total=cfg.train.steps)
-    log.info("fine-tuning %s (%s preset) on %d case(s), validating on %d, on %s, %d process(es)", job.kind,
-             cfg.preset, len(cases.training), len(cases.validation), device, info.world_size)
-    hooks = LoopHooks(reporter, lambda step: folder.save(step, cfg.to_dict(), model, optimizer,
+    amp = amp_dtype(job.cfg.train.amp, device)
+    deadline = budget.started + budget.seconds if budget is not None else None
+    reporter = Progress(progress if info.is_main else "none", stage="finetune", total=job.cfg.train.steps,
+                        deadline=deadline)
+    log.info("fine-tuning %s (%s preset) on %d case(s), validating on %d, on %s, %d process(es)%s", job.kind,
+             job.cfg.preset, len(cases.training), len(cases.validation), device, info.world_size,
+             f", within {budget.seconds / 60:g} min" if budget else "")
+
+    def planned(steps: int) -> None:  # a time-limited run fixed its length, right after validating: record it
+        job.cfg = _with_steps(job.cfg, steps)
+        if info.is_main:
+            folder.write_config(job.cfg.to_dict())
+            if best["step"] is not None:  # model.pt of that validation, with the steps fixed
+                _save_model(folder.path, job, model, best["step"], best["metrics"], about)
+        log.info("time limit: %d steps fit (%s)", steps, budget.to_dict())
+
+    hooks = LoopHooks(reporter, lambda step: folder.save(step, job.cfg.to_dict(), model, optimizer,
                                                          {"best": best, "cases": cases.to_dict(),
                                                           "provenance": about["provenance"]}),
                       folder.log_path, _validator(job, model, device, amp, best, folder.path if info.is_main else None,
-                                                  about))
-    result = train_loop(model, optimizer, cfg.train, job.batches(folder.start_step), job.step_fn(model, device),
+                                                  about),
+                      budget, planned)
+    result = train_loop(model, optimizer, job.cfg.train, job.batches(folder.start_step), job.step_fn(model, device),
                         device, folder.start_step, hooks)
     if info.is_main and not (folder.path / MODEL).exists():  # no finite validation score yet: the latest weights
         _save_model(folder.path, job, model, result.step, {}, about)
-    message = "stopped early, resume with --resume" if result.stopped_early else ""
-    reporter.done(result.step, folder.path / MODEL, message=message, best=best, processes=info.world_size,
-                  ranks_in_sync=distributed.parameters_in_sync(model))
-    return FinetuneResult(result.step, folder.path / MODEL, best, result.stopped_early)
+    reporter.done(result.step, folder.path / MODEL, message=_ending(result, job.cfg.train.steps), best=best,
+                  processes=info.world_size, ranks_in_sync=distributed.parameters_in_sync(model))
+    return FinetuneResult(result.step, folder.path / MODEL, best, result.stopped_early, result.out_of_time)
+
+
+def _ending(result, planned_steps: int) -> str:
+    if result.stopped_early:
+        return "stopped early, resume with --resume"
+    if result.out_of_time:
+        return f"the time limit ended the run at step {result.step} of the {planned_steps} planned"
+    return ""
+
+
+def _budget(cfg: FinetuneConfig, started: float) -> TimeBudget | None:
+    """The time limit's budget, counted from `started`; None for a run of fixed length."""
+    t = cfg.train
+    if t.time_limit is None:
+        return None
+    return TimeBudget.minutes(t.time_limit, started, t.warmup_steps, cfg.val.every, t.checkpoint_every)
 
 
 def _load_data(task: str, data: str):
@@ -247,25 +283,39 @@ def _config_file(request: FinetuneRequest, weights: PretrainedWeights | None, ex
     return cfg
 
 
-def _with_length(cfg: FinetuneConfig, n_training: int, steps: int | None, epochs: int | None) -> FinetuneConfig:
-    """--steps N, or --epochs N (one epoch = every training case once), else the preset's length."""
-    if steps is not None and epochs is not None:
-        raise UserError("give --steps or --epochs, not both")
+def _with_length(cfg: FinetuneConfig, n_training: int, request: FinetuneRequest, resumed: bool) -> FinetuneConfig:
+    """--steps N, --epochs N (one epoch = every training case once) or --time-limit M, else the preset's length."""
+    steps, epochs, minutes = request.steps, request.epochs, request.time_limit
+    if sum(x is not None for x in (steps, epochs, minutes)) > 1:
+        raise UserError("give one of --steps, --epochs or --time-limit")
+    if minutes is not None:
+        if resumed:
+            raise UserError(f"--resume keeps the {cfg.train.steps} steps the first run chose (or give --steps); "
+                            "drop --time-limit")
+        return _with_train(cfg, time_limit=minutes)
     if epochs is not None:
         steps = epochs * steps_per_epoch(n_training, cfg.data.batch_size)
     if steps is None:
         return cfg
+    return _with_steps(cfg, steps)
+
+
+def _with_steps(cfg: FinetuneConfig, steps: int) -> FinetuneConfig:
+    return _with_train(cfg, steps=steps)
+
+
+def _with_train(cfg: FinetuneConfig, **train) -> FinetuneConfig:
     tree = cfg.to_dict()
-    tree["train"]["steps"] = steps
+    tree["train"].update(train)
     return finetune_config_from_dict(tree).validate()
 
 
 def _validator(job, model: nn.Module, device, amp, best: dict, out_dir: Path | None, about: dict):
-    """Validation every `val.every` steps and after the last; a better score rewrites model.pt (atomically)."""
-    cfg = job.cfg
+    """Validation every `val.every` steps and when the loop asks (`now`: the last step, the step that fixes a
+    time-limited run's length); a better score rewrites model.pt (atomically)."""
 
-    def validate(step: int) -> dict | None:
-        if step % cfg.val.every and step != cfg.train.steps:
+    def validate(step: int, now: bool) -> dict | None:
+        if step % job.cfg.val.every and not now:
             return None
         metrics = job.validate(unwrap(model), device, amp)
         score = job.score(metrics)

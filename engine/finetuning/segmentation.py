@@ -1,5 +1,6 @@
 """The segmentation task of fine-tuning: network, batches, DiceCE step, sliding-window validation (mean Dice per
-label), and what model.pt must carry to be used without this code (labels, spacing, window, ROI)."""
+label, and which labels gain from keeping their largest connected component), and what model.pt must carry to be
+used without this code (labels, spacing, window, ROI, post-processing)."""
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ from monai.networks.utils import one_hot
 from engine.config.finetune import FinetuneConfig
 from engine.data.labelled import CaseSelection, LabelledDataset, verify_cases
 from engine.finetuning.data import IMAGE, LABEL, cached, segmentation_transforms
+from engine.inference.postprocess import keep_largest_components, never_hurts
 from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.distributed import DistInfo
@@ -30,13 +32,14 @@ class SegmentationTask:
         self.values = list(self.labels.values())
         self._validation = None
         self.shard = DistInfo()  # this process's rank among torchrun's
+        self.largest_component: list[str] = []  # labels whose largest component alone scored better, last validation
 
     def check_data(self) -> None:
         verify_cases(self.cases.training + self.cases.validation, self.labels)
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_segmenter(m.backbone, self.cfg.encoder, m.roi, len(self.labels), m.feature_size)
+        return build_segmenter(m.backbone, self.cfg.encoder, m.roi, len(self.labels), m.feature_size, m.decoder)
 
     def batches(self, start_step: int) -> Iterator:
         dataset = cached(self.cases.training, segmentation_transforms(self.cfg, self.values, train=True))
@@ -53,20 +56,26 @@ class SegmentationTask:
         return step
 
     def validate(self, model: nn.Module, device: torch.device, amp) -> dict[str, float]:
-        """Sliding-window Dice per label on the validation cases (model grid), and their mean."""
+        """Sliding-window Dice per label on the validation cases (model grid) and their mean, each label scored as
+        inference will give it: its largest connected component alone where that never scores worse here."""
         if self._validation is None:
             transform = segmentation_transforms(self.cfg, self.values, train=False)
             self._validation = cached(self.cases.validation, transform)
-        metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True)
+        raw, largest = (DiceMetric(include_background=False, reduction="none", ignore_empty=True) for _ in range(2))
         n = len(self.labels)
         for item in self._validation:
             probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
                                                  self.cfg.val.overlap, self.cfg.val.sw_batch_size, amp)
-            pred = one_hot(probs.argmax(0)[None, None], n)
-            metric(pred, one_hot(_tensor(item[LABEL])[None].long(), n))
-        per_label = metric.aggregate().cpu().numpy()
+            index = probs.argmax(0)  # [X, Y, Z] channel indices
+            truth = one_hot(_tensor(item[LABEL])[None].long(), n)
+            raw(one_hot(index[None, None], n), truth)
+            kept = torch.from_numpy(keep_largest_components(index.numpy(), range(1, n)))
+            largest(one_hot(kept[None, None], n), truth)
         model.train()
-        return dice_metrics(per_label, list(self.labels)[1:])
+        before, after = raw.aggregate().cpu().numpy(), largest.aggregate().cpu().numpy()  # [cases, labels]
+        keep = never_hurts(before, after)
+        self.largest_component = [name for name, k in zip(list(self.labels)[1:], keep) if k]
+        return dice_metrics(_case_mean(np.where(keep, after, before)), list(self.labels)[1:])
 
     @staticmethod
     def score(metrics: dict[str, float]) -> float:
@@ -76,7 +85,7 @@ class SegmentationTask:
     def model_extra(self) -> dict:
         d = self.cfg.data
         return {"labels": self.labels, "spacing": list(d.spacing), "hu_window": list(d.hu_window),
-                "roi": self.cfg.model.roi}
+                "roi": self.cfg.model.roi, "largest_component": list(self.largest_component)}
 
 
 def dice_metrics(per_label: np.ndarray, names: list[str]) -> dict[str, float]:
@@ -86,6 +95,13 @@ def dice_metrics(per_label: np.ndarray, names: list[str]) -> dict[str, float]:
     metrics = {"val_mean_dice": float(np.mean(finite)) if finite else float("nan")}
     metrics.update({f"dice/{name}": round(v, 6) if math.isfinite(v) else v for name, v in zip(names, values)})
     return metrics
+
+
+def _case_mean(dice: np.ndarray) -> np.ndarray:
+    """[cases, labels] -> [labels], over the cases where each label is scored (NaN where it never is)."""
+    scored = ~np.isnan(dice)
+    totals = np.where(scored, dice, 0.0).sum(0)
+    return np.where(scored.any(0), totals / np.maximum(scored.sum(0), 1), np.nan)
 
 
 def _tensor(x) -> torch.Tensor:

@@ -25,6 +25,7 @@ from engine.imageio.dicom import dicom_series
 from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
 from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
 from engine.imageio.volumes import is_volume_file, read_input
+from engine.inference.postprocess import keep_largest_components
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, count_windows, dry_run_record
 from engine.models.segmenter import segmenter_from_config
 from engine.runtime.checkpoint import load_checkpoint
@@ -44,6 +45,7 @@ class InferenceSettings:
     device: str = "auto"
     amp: str = "auto"
     crop_body: bool = True  # run the window only over the body's bounding box (background elsewhere)
+    postprocess: bool = True  # what model.pt chose on validation (its labels' largest connected components)
 
 
 @dataclass(frozen=True)
@@ -55,10 +57,16 @@ class ModelSpec:
     hu_window: tuple[float, ...]
     roi: int
     in_channels: int = 1
+    largest_component: tuple[str, ...] = ()  # labels to keep only the largest connected component of
 
     @property
     def values(self) -> np.ndarray:
         return np.array(sorted(self.labels.values()), dtype=np.int64)
+
+    def channels(self, names) -> list[int]:
+        """Channel indices (0 = background) of label names."""
+        order = sorted(self.labels, key=self.labels.get)
+        return [order.index(name) for name in names]
 
 
 @dataclass
@@ -142,6 +150,8 @@ class SegmentationPredictor:
         probs[0] = 1.0  # background outside the body box
         probs[(slice(None), *box)] = self._probabilities(volume[box], sw_batch_size, on_windows).numpy()
         index = sitk.GetArrayFromImage(back_to_input(probs, grid, image))
+        if self.settings.postprocess and self.spec.largest_component:
+            index = keep_largest_components(index, self.spec.channels(self.spec.largest_component))
         labelmap = sitk.GetImageFromArray(self.spec.values[index].astype(_label_dtype(self.spec.values)))
         labelmap.CopyInformation(image)
         return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None)
@@ -167,7 +177,7 @@ def segmenter_and_spec(ckpt: dict) -> tuple[nn.Module, ModelSpec]:
     """The trained network of a segmentation model.pt (loaded) and what it says about using it."""
     cfg = finetune_config_from_dict(ckpt["config"])
     spec = ModelSpec(dict(ckpt["labels"]), tuple(ckpt["spacing"]), tuple(ckpt["hu_window"]), int(ckpt["roi"]),
-                     cfg.encoder.in_channels)
+                     cfg.encoder.in_channels, tuple(ckpt.get("largest_component", ())))
     model = segmenter_from_config(ckpt["config"], len(spec.labels))
     model.load_state_dict(ckpt["model"])
     return model, spec
@@ -207,6 +217,7 @@ class InferRequest:
     overlap: float = 0.5
     progress: str = "bar"
     sw_batch_size: int | None = None  # windows per forward; None: the largest up to 2 that fits in memory
+    postprocess: bool = True  # keep the largest connected component of the labels model.pt names
     check_memory: bool = True  # refuse a volume whose estimated peak memory does not fit, before its big buffers
 
 
@@ -228,7 +239,8 @@ def run_infer(request: InferRequest) -> list[Path]:
 
 
 def _predictor(request: InferRequest) -> SegmentationPredictor:
-    settings = InferenceSettings(overlap=request.overlap, tta=request.tta, device=request.device)
+    settings = InferenceSettings(overlap=request.overlap, tta=request.tta, device=request.device,
+                                 postprocess=request.postprocess)
     return SegmentationPredictor.from_checkpoint(request.checkpoint, settings)
 
 

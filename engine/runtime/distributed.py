@@ -109,3 +109,27 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.size, self.world_size))
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value` (the value itself in a single process)."""
+    if not dist.is_initialized():
+        return value
+    t = _scalar(value)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is True on any (the flag itself in a single process)."""
+    if not dist.is_initialized():
+        return flag
+    t = _scalar(int(flag))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _scalar(value: int) -> torch.Tensor:
+    """A one-element tensor on the device the process group's backend reduces on (nccl: this rank's GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    return torch.tensor([value], dtype=torch.int64, device=device)

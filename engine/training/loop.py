@@ -1,8 +1,10 @@
 """One training loop for pre-training and fine-tuning: warm-up + cosine per iteration, gradient accumulation,
-clipping, autocast, a NaN guard, atomic checkpoints every N steps, a JSONL log, and a clean stop on SIGINT/SIGTERM."""
+clipping, autocast, a NaN guard, atomic checkpoints every N steps, a JSONL log, a clean stop on SIGINT/SIGTERM, and
+optionally a wall-clock budget that fixes the number of steps from measured time (`training.budget`)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import signal
@@ -19,10 +21,12 @@ from engine.errors import TrainingDiverged
 from engine.runtime.atomic import json_safe, write_text
 from engine.runtime.device import amp_dtype, autocast
 from engine.runtime.progress import Progress
+from engine.training.budget import PROVISIONAL_STEPS, TimeBudget
 from engine.training.optim import set_lr, warmup_cosine
 
 # step_fn(batch, progress in [0, 1]) yields (named losses, the tensor to back-propagate), one or more times
 StepFn = Callable[[object, float], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
+MAX_SKIPPED = 5  # optimiser steps in a row whose gradients are not finite before the run is declared diverged
 
 
 @dataclass
@@ -30,6 +34,7 @@ class LoopResult:
     step: int
     stopped_early: bool = False
     last_losses: dict[str, float] = field(default_factory=dict)
+    out_of_time: bool = False  # the time budget ended the run before its planned last step
 
 
 class StopRequest:
@@ -57,57 +62,95 @@ class StopRequest:
 
 @dataclass
 class LoopHooks:
-    """What the loop reports and writes. `validate(step)`, if given, runs after each optimiser step and returns
-    metrics when it validated (else None); the metrics go into that step's log record and progress event, before
-    any checkpoint is saved."""
+    """What the loop reports and writes. `validate(step, now)`, if given, runs after each optimiser step and returns
+    metrics when it validated (else None): on its own schedule, and always when `now` (the last step, the step that
+    fixes a time-limited run's length); the metrics go into that step's log record and progress event, before any
+    checkpoint is saved. With a `budget`, the loop fixes the number of steps after the budget's probe and tells
+    `planned(steps)`."""
 
     progress: Progress
     save: Callable[[int], Path]  # writes the checkpoint of this step, returns its path
     log_path: Path | None = None  # log.jsonl (None: not written, e.g. on ranks other than 0)
-    validate: Callable[[int], dict[str, float] | None] | None = None
+    validate: Callable[[int, bool], dict[str, float] | None] | None = None
+    budget: TimeBudget | None = None
+    planned: Callable[[int], None] | None = None
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Iterator,
                step_fn: StepFn, device: torch.device, start_step: int, hooks: LoopHooks) -> LoopResult:
-    """Optimiser steps from `start_step` to `cfg.steps`, under the autocast `cfg.amp` asks for on `device`."""
+    """Optimiser steps from `start_step` to `cfg.steps` (or to what `hooks.budget` fits), under the autocast
+    `cfg.amp` asks for on `device`."""
     amp = amp_dtype(cfg.amp, device)
-    progress, save, log_path, validate = hooks.progress, hooks.save, hooks.log_path, hooks.validate
+    progress, save, log_path, budget = hooks.progress, hooks.save, hooks.log_path, hooks.budget
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
-    step, losses = start_step, {}
+    step, losses, out_of_time, skipped = start_step, {}, False, 0
+    total = cfg.steps if budget is None else PROVISIONAL_STEPS
     progress.start(step)
     with StopRequest() as stop:
-        while step < cfg.steps:
-            lr = warmup_cosine(step, cfg.steps, cfg.warmup_steps, cfg.lr, cfg.min_lr)
+        while step < total:
+            lr = warmup_cosine(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            losses = _accumulate(model, cfg, batches, step_fn, step, device, amp, scaler)
+            losses = _accumulate(model, cfg, batches, step_fn, step, total, device, amp, scaler)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
-            scaler.step(optimizer)
+            skip = grad_norm is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm)
+            if not skip:  # the fp16 grad scaler skips a non-finite step itself
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            skipped = _check_skipped(skipped + 1 if skip else 0, step)
             step += 1
             record = {"step": step, "lr": lr, "seconds": round(time.perf_counter() - t0, 4), **losses}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
-            metrics = validate(step) if validate is not None else None
+            if skip:
+                record["skipped"] = True
+            if budget is not None:
+                budget.record_step(record["seconds"])
+                if step < total and budget.overdue(step):  # the machine slowed down: this step is the last
+                    total, out_of_time = step, True
+            planning = budget is not None and budget.plans_at(step)
+            metrics, validate_s = _timed(hooks.validate, step, step == total or planning)
+            if planning:
+                total = budget.plan(step, validate_s, _serialisation_seconds(model, optimizer))
+                if hooks.planned is not None:
+                    hooks.planned(total)
+                record["plan"] = budget.to_dict()
+                progress.plan(record["plan"])
             if metrics:
                 record["metrics"] = metrics
             _append_log(log_path, record)
-            if step % cfg.log_every == 0 or step == cfg.steps or metrics:
+            if step % cfg.log_every == 0 or step == total or metrics:
                 progress.step(step, losses, metrics=metrics)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop.requested:
+            if step % cfg.checkpoint_every == 0 or step == total or stop.requested:
                 progress.checkpoint(step, save(step))
             if stop.requested:
                 return LoopResult(step, True, losses)
-    return LoopResult(step, False, losses)
+    return LoopResult(step, False, losses, out_of_time)
 
 
-def _accumulate(model, cfg, batches, step_fn, step, device, amp, scaler) -> dict[str, float]:
-    """One optimiser step's worth of micro-batches; returns the mean of each named loss."""
+def _timed(validate, step: int, now: bool) -> tuple[dict | None, float]:
+    """validate(step, now) and the seconds it took (no metrics and 0 s without a validation hook)."""
+    if validate is None:
+        return None, 0.0
+    t0 = time.perf_counter()
+    metrics = validate(step, now)
+    return metrics, time.perf_counter() - t0
+
+
+def _serialisation_seconds(model: nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """Seconds to serialise the training state, which is most of what writing a checkpoint costs."""
+    t0 = time.perf_counter()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, io.BytesIO())
+    return time.perf_counter() - t0
+
+
+def _accumulate(model, cfg, batches, step_fn, step, steps, device, amp, scaler) -> dict[str, float]:
+    """One optimiser step's worth of micro-batches (step `step` of `steps`); returns the mean of each named loss."""
     sums: dict[str, float] = {}
-    progress = step / max(1, cfg.steps)
+    progress = step / max(1, steps)
     model.train()
     for i in range(cfg.accumulate):
         batch = next(batches)
@@ -125,6 +168,17 @@ def _sync_gradients(model, last_micro_batch: bool):
     if last_micro_batch or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
+
+
+def _check_skipped(in_a_row: int, step: int) -> int:
+    """A step whose gradients overflow (finite losses; seen with bf16 autocast on CPUs) is skipped, as the fp16 grad
+    scaler does; MAX_SKIPPED in a row mean the run has diverged."""
+    if in_a_row >= MAX_SKIPPED:
+        raise TrainingDiverged(
+            f"the gradients were not finite for {in_a_row} steps in a row (up to step {step + 1}); nothing was saved "
+            "from these steps. Start a new run (another --out) with a lower learning rate (--set train.lr=...) or in "
+            "full precision (--set train.amp=off)")
+    return in_a_row
 
 
 def _guard(named: dict[str, torch.Tensor], step: int) -> None:

@@ -71,13 +71,17 @@ class RunFolder:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
                 remove_stale(self.path, CHECKPOINT)
-                write_text(yaml.safe_dump(config, sort_keys=False), self.path / "config.yaml")
+                self.write_config(config)
                 for name, tree in (files or {}).items():
                     write_json(tree, self.path / name)
             except OSError as err:
                 raise UserError(f"{self.path}: cannot write the run folder ({err.strerror})") from None
             trim_log(self.path / "log.jsonl", self.start_step)
         distributed.barrier()
+
+    def write_config(self, config: dict) -> None:
+        """config.yaml (rank 0; also when a time-limited run has fixed its number of steps)."""
+        write_text(yaml.safe_dump(config, sort_keys=False), self.path / "config.yaml")
 
     def seed(self, seed: int) -> int:
         """Seed every generator (torch, numpy, random, MONAI) for this rank at this run's start step."""
