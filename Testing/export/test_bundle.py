@@ -110,17 +110,18 @@ def test_monai_verify_net_in_out_builds_the_network_from_the_config(bundle):
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu")
 
 
-GEOMETRIES = {  # spacing (mm) and direction of the CT: finer and coarser than the model's 3 mm, axes permuted
-    "fine-in-plane-thick-slices": ((0.8, 1.3, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
-    "permuted-and-flipped": ((2.0, 3.5, 1.1), (0, 1, 0, 0, 0, -1, -1, 0, 0)),
+GEOMETRIES = {  # voxels, spacing (mm) and direction of the CT: finer and coarser than the model's 3 mm, axes permuted
+    # 46 slices of 5 mm: the engine's last model slice lies more than half a slice past the last one (air there)
+    "fine-in-plane-thick-slices": ((64, 64, 46), (0.8, 1.3, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    "permuted-and-flipped": ((64, 64, 48), (2.0, 3.5, 1.1), (0, 1, 0, 0, 0, -1, -1, 0, 0)),
 }
 
 
 @pytest.mark.parametrize("name", list(GEOMETRIES))
 def test_bundle_preprocessing_gives_the_engines_model_grid(bundle, held_out_case, tmp_path, name):
     """MONAI's Orientationd + Spacingd + EngineGridd + window land on the grid `engine infer` uses, value for value."""
-    spacing, direction = GEOMETRIES[name]
-    image = sitk.ReadImage(held_out_case["image"])
+    size, spacing, direction = GEOMETRIES[name]
+    image = sitk.ReadImage(str(crop_ct(Path(held_out_case["image"]), tmp_path / "crop.nii.gz", size)))
     image.SetSpacing(spacing)
     image.SetDirection(direction)
     sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
