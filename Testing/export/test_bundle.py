@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from engine_testing import REPO
+from engine_testing import REPO, crop_ct
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
@@ -26,11 +28,12 @@ from engine.export.agreement import run_bundle
 from engine.export.bundle_config import REQUIRED_KEYS, missing_metadata
 from engine.export.run import ExportRequest, run_export
 from engine.finetuning.model_card import model_card
-from engine.inference.run import InferenceSettings, SegmentationPredictor
+from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import load_checkpoint, save_checkpoint
 
-MIN_AGREEMENT = 0.98  # Dice per label, bundle vs engine (float32) on a held-out CT
+MIN_AGREEMENT = 0.999  # Dice per label, bundle vs engine (float32) on a held-out CT
+MAX_DIFFERING = 1e-3  # share of voxels whose label differs
 
 
 @pytest.fixture(scope="module")
@@ -107,40 +110,73 @@ def test_monai_verify_net_in_out_builds_the_network_from_the_config(bundle):
                       config_file=str(bundle / "configs" / "inference.json"), device="cpu")
 
 
+GEOMETRIES = {  # voxels, spacing (mm) and direction of the CT: finer and coarser than the model's 3 mm, axes permuted
+    # 46 slices of 5 mm: the engine's last model slice lies more than half a slice past the last one (air there)
+    "fine-in-plane-thick-slices": ((64, 64, 46), (0.8, 1.3, 5.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+    "permuted-and-flipped": ((64, 64, 48), (2.0, 3.5, 1.1), (0, 1, 0, 0, 0, -1, -1, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(GEOMETRIES))
+def test_bundle_preprocessing_gives_the_engines_model_grid(bundle, held_out_case, tmp_path, name):
+    """MONAI's Orientationd + Spacingd + EngineGridd + window land on the grid `engine infer` uses, value for value."""
+    size, spacing, direction = GEOMETRIES[name]
+    image = sitk.ReadImage(str(crop_ct(Path(held_out_case["image"]), tmp_path / "crop.nii.gz", size)))
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    image = sitk.ReadImage(str(tmp_path / "ct.nii.gz"))  # as NIfTI stores the geometry
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    steps = parser.get_parsed_content("preprocessing").transforms
+    names = [type(t).__name__ for t in steps]
+    ours = Compose(steps[: names.index("ScaleIntensityRanged") + 1])({"image": str(tmp_path / "ct.nii.gz")})["image"]
+    spec = ModelSpec({"background": 0, "lung": 1}, (3.0, 3.0, 3.0), (-1000.0, 1000.0), 32)
+    grid = SegmentationPredictor(torch.nn.Identity(), spec).model_grid(image)
+    assert tuple(ours.shape[1:]) == grid.volume.shape
+    assert np.abs(ours[0].numpy() - grid.volume).max() < 1e-4
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
 def test_monai_runner_segments_a_held_out_ct_as_engine_infer_does(bundle, lung_run, held_out_case, tmp_path):
+    """Two CTs: the held-out crop, and a smaller crop of it whose sizes (62, 61, 47 voxels of 2 mm) leave the last
+    voxel along x and z more than half a model voxel past the model grid (where the engine reads background)."""
     pytest.importorskip("fire")  # `python -m monai.bundle` is a fire CLI
     data = tmp_path / "data"
     data.mkdir()
     (data / "case.nii.gz").symlink_to(held_out_case["image"])
+    crop_ct(Path(held_out_case["image"]), data / "odd.nii.gz", (62, 61, 47))
     result = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                              "--dataset_dir", str(data), "--output_dir", str(tmp_path / "out")],
                             cwd=bundle, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
-    image = sitk.ReadImage(held_out_case["image"])
-    written = sitk.ReadImage(str(tmp_path / "out" / "case_seg.nii.gz"))
-    assert written.GetSize() == image.GetSize()
-    for what in ("GetOrigin", "GetSpacing", "GetDirection"):
-        assert np.allclose(getattr(written, what)(), getattr(image, what)(), atol=1e-4), what
-    ours = sitk.GetArrayFromImage(written)
-    engine_map = SegmentationPredictor.from_checkpoint(lung_run / "model.pt", InferenceSettings(amp="off"))
-    engine_map = sitk.GetArrayFromImage(engine_map.predict(image).labelmap)
-    assert set(np.unique(ours)) <= {0, 1, 2}
-    for value in (1, 2):
-        assert (engine_map == value).sum() > 500  # the model finds both lungs: the comparison means something
-        assert _dice(ours == value, engine_map == value) >= MIN_AGREEMENT
+    predictor = SegmentationPredictor.from_checkpoint(lung_run / "model.pt", InferenceSettings(amp="off"))
+    for name in ("case", "odd"):
+        image = sitk.ReadImage(str(data / f"{name}.nii.gz"))
+        written = sitk.ReadImage(str(tmp_path / "out" / f"{name}_seg.nii.gz"))
+        assert written.GetSize() == image.GetSize()
+        for what in ("GetOrigin", "GetSpacing", "GetDirection"):
+            assert np.allclose(getattr(written, what)(), getattr(image, what)(), atol=1e-4), what
+        ours = sitk.GetArrayFromImage(written)
+        engine_map = sitk.GetArrayFromImage(predictor.predict(image).labelmap)
+        assert set(np.unique(ours)) <= {0, 1, 2}
+        for value in (1, 2):
+            assert (engine_map == value).sum() > 100  # the model finds both lungs: the comparison means something
+            assert _dice(ours == value, engine_map == value) >= MIN_AGREEMENT, name
+        assert (ours != engine_map).mean() <= MAX_DIFFERING, name
 
 
 def test_check_image_measures_the_agreement_into_the_readme(lung_run, held_out_case, tmp_path):
     result = run_export(ExportRequest(str(lung_run / "model.pt"), "monai-bundle", str(tmp_path / "b"),
                                       check_image=held_out_case["image"]))
     assert set(result.check["dice"]) == {"lung_right", "lung_left"}
-    for scores in result.check["dice"].values():
-        assert scores["float32"] >= MIN_AGREEMENT and scores["default"] >= MIN_AGREEMENT - 0.02
+    for scores in result.check["dice"].values():  # bf16 (`engine infer` on this CPU, if it has fast bf16) differs more
+        assert scores["float32"] >= MIN_AGREEMENT and scores["default"] >= 0.97
+    assert result.check["differing_voxels"]["float32"] <= MAX_DIFFERING * result.check["voxels"]
     readme = (tmp_path / "b" / "docs" / "README.md").read_text()
     assert f"Measured at export on `{held_out_case['image']}`" in readme
     assert f"{result.check['dice']['lung_left']['float32']:.4f}" in readme

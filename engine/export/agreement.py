@@ -8,15 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from monai.bundle import run
 
 from engine.errors import UserError
+from engine.imageio.volumes import read_input
 from engine.inference.run import InferenceSettings, SegmentationPredictor, segmenter_and_spec
 from engine.runtime.device import amp_dtype, pick_device
 
 
 def run_bundle(bundle: Path, images: list[Path], output_dir: Path) -> list[Path]:
     """Segment `images` (NIfTI) with MONAI's runner over the bundle's configs; returns the label maps written."""
-    from monai.bundle import run
     run(config_file=str(bundle / "configs" / "inference.json"), meta_file=str(bundle / "configs" / "metadata.json"),
         logging_file=False, bundle_root=str(bundle), datalist=[str(p) for p in images], output_dir=str(output_dir))
     return [output_dir / f"{_stem(p)}_seg.nii.gz" for p in images]
@@ -56,7 +57,6 @@ def _as_nifti(image_path: Path, folder: Path) -> Path:
     """MONAI's reader here is nibabel's: other formats go through a NIfTI copy, which both sides then read."""
     if image_path.name.endswith((".nii", ".nii.gz")):
         return image_path
-    from engine.imageio.volumes import read_input
     image, _ = read_input(image_path)
     target = folder / f"{_stem(image_path).replace('.', '_')}.nii.gz"
     sitk.WriteImage(image, str(target))

@@ -7,8 +7,9 @@
     docs/README.md          the model card, how to run the bundle, and how its output compares with `engine infer`
     LICENSE                 the terms of the configs and of the weights (the latter follow the training data)
 
-The network is built by `engine.models.segmenter.segmenter_from_config` (the `_target_` of `network_def`), so the
-bundle needs this engine importable (`required_packages_version`), besides MONAI, torch and nibabel."""
+The network is built by `engine.models.segmenter.segmenter_from_config` (the `_target_` of `network_def`), and
+`engine.export.bundle_transforms` makes MONAI's transforms compute what `engine infer` does, so the bundle needs this
+engine importable (`required_packages_version`), besides MONAI, torch and nibabel."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -69,11 +70,14 @@ python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadat
 def _agreement(agreement: dict | None) -> str:
     lines = ["## This bundle against `engine infer`", "",
              "Both orient the CT to RAS, resample it to the model spacing, window it, slide the same network over the "
-             "body's bounding box with gaussian blending and resample the probabilities back onto the input grid. "
-             "They differ in how: MONAI computes the model grid from the affine (its last plane can differ by one "
-             "voxel from SimpleITK's) and resamples with torch, the engine with SimpleITK; the bundle runs in "
-             "float32, while `engine infer` uses bf16 autocast on CPUs with fast bf16 (AVX-512 BF16, AMX). So the "
-             "label maps differ at a few boundary voxels.", ""]
+             "body's bounding box, blend the windows' softmax with the same gaussian weights and resample the "
+             "probabilities back onto the input grid. The bundle does it with MONAI's transforms, plus small ones "
+             "from `engine.export.bundle_transforms` that give MONAI's grid the engine's size and the engine's "
+             "background outside the body box and past the grid; it then computes what `engine infer` computes, up "
+             "to the rounding of two resampling libraries. It runs in float32, while `engine infer` uses bf16 "
+             "autocast on CPUs with fast bf16 (AVX-512 BF16, AMX): there the label maps differ at voxels where two "
+             "labels are nearly tied.",
+             ""]
     if not agreement:
         lines.append("No comparison was measured at export (`engine export --check-image CT` measures one).")
         return "\n".join(lines) + "\n"

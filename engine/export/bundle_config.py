@@ -3,14 +3,16 @@ metadata: versions, `network_data_format`, labels, intended use, data sources, e
 `configs/inference.json` (a config that MONAI's own runner, `python -m monai.bundle run`, executes).
 
 The inference config mirrors `engine infer` step by step with MONAI transforms: nearest-RAS orientation
-(Orientationd), the model spacing (Spacingd, trilinear), the HU window (ScaleIntensityRanged, clipped), the body's
-bounding box (CropForegroundd: voxels denser than -500 HU, margin 2), MONAI's SlidingWindowInferer (gaussian,
-the engine's overlap and batch), softmax, every step undone on the probabilities (Invertd), argmax, label values.
-It differs in how the grid is computed and resampled (MONAI's affine grid against SimpleITK's), and in
-precision (the bundle runs in float32; `engine infer` uses bf16 on CPUs that have it): the bundle README states
-by how much the label maps differ, measured."""
+(Orientationd), the model spacing (BorderPadd, Spacingd, trilinear; EngineGridd: the engine's grid), the HU window
+(ScaleIntensityRanged, clipped), the body's bounding box (CropForegroundd: voxels denser than -500 HU, margin 2),
+MONAI's SlidingWindowInferer (gaussian blending of each window's softmax, as the engine blends, with its overlap
+and batch), every step undone on the probabilities (Invertd) with the engine's background outside the box,
+argmax, the largest connected component of the labels model.pt lists (KeepLargestComponentsd), label values. What remains
+different is precision (the bundle runs float32; `engine infer` bf16 on CPUs that have it) and the rounding of two
+resampling libraries: `--check-image` measures it into the bundle's README (see bundle_transforms)."""
 from __future__ import annotations
 
+from engine.export.bundle_transforms import FAR_PADDING
 from engine.finetuning.model_card import REFERENCES, foreground_names
 from engine.imageio.geometry import body_level
 from engine.runtime.versions import software_versions
@@ -23,6 +25,7 @@ REQUIRED_KEYS = ("schema", "version", "monai_version", "pytorch_version", "numpy
                  "required_packages_version", "task", "description", "authors", "copyright", "network_data_format")
 TENSOR_KEYS = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range")
 ENGINE_DISTRIBUTION = "mimslicer-engine"
+TRANSFORMS = "engine.export.bundle_transforms"  # what makes MONAI's transforms compute what `engine infer` does
 BODY_MARGIN = 2  # voxels around the body's bounding box, as engine.imageio.geometry.body_box
 SW_BATCH_SIZE = 2  # windows per forward, as `engine infer` by default
 OVERLAP = 0.5
@@ -167,7 +170,8 @@ def inference_config(ckpt: dict) -> dict:
     """configs/inference.json: segment every NIfTI of `dataset_dir` (or the paths of `datalist`) into `output_dir`."""
     values = [value for _, value in sorted(ckpt["labels"].items(), key=lambda kv: kv[1])]
     return {
-        "imports": ["$import glob", "$import os", "$import numpy", "$import torch"],
+        "imports": ["$import glob", "$import os", "$import numpy", "$import torch",
+                    f"$import {TRANSFORMS} as bundle_transforms"],
         "bundle_root": ".",
         "model_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
         "dataset_dir": "$os.path.join(@bundle_root, 'data')",
@@ -182,9 +186,11 @@ def inference_config(ckpt: dict) -> dict:
                     "transform": "@preprocessing"},
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [int(ckpt["roi"])] * 3,
                     "sw_batch_size": SW_BATCH_SIZE, "overlap": OVERLAP, "mode": "gaussian"},
-        "postprocessing": {"_target_": "Compose", "transforms": _postprocessing(values)},
+        "postprocessing": {"_target_": "Compose", "transforms": _postprocessing(values, list(ckpt["spacing"]),
+                                                                                 _largest_component_channels(ckpt))},
+        "probabilities": "$lambda window: torch.softmax(@network(window).float(), dim=1)",
         "segment": "$torch.no_grad()(lambda item: @postprocessing("
-                   "{**item, 'pred': @inferer(item['image'][None].to(@device), @network)[0]}))",
+                   "{**item, 'pred': @inferer(item['image'][None].to(@device), @probabilities)[0]}))",
         "initialize": ["$@network.load_state_dict(torch.load(@model_path, map_location=@device, weights_only=True))",
                        "$@network.eval()"],
         "run": ["$[@segment(item)['pred'].shape for item in @dataset]"],
@@ -197,7 +203,9 @@ def _preprocessing(ckpt: dict) -> list[dict]:
         {"_target_": "LoadImaged", "keys": "image", "image_only": True},
         {"_target_": "EnsureChannelFirstd", "keys": "image"},
         {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": [["L", "R"], ["P", "A"], ["I", "S"]]},
+        {"_target_": "BorderPadd", "keys": "image", "spatial_border": [0, FAR_PADDING] * 3, "mode": "edge"},
         {"_target_": "Spacingd", "keys": "image", "pixdim": [float(s) for s in ckpt["spacing"]], "mode": "bilinear"},
+        {"_target_": f"{TRANSFORMS}.EngineGridd", "keys": "image", "far_padding": FAR_PADDING},
         {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": lo, "a_max": hi, "b_min": 0.0, "b_max": 1.0,
          "clip": True},
         {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "margin": BODY_MARGIN,
@@ -206,13 +214,24 @@ def _preprocessing(ckpt: dict) -> list[dict]:
     ]
 
 
-def _postprocessing(values: list[int]) -> list[dict]:
+def _largest_component_channels(ckpt: dict) -> list[int]:
+    """The channels (1..K) of the labels whose largest connected component alone the model keeps (chosen on
+    validation in fine-tuning; `engine infer` does the same unless --no-postprocess)."""
+    order = [name for name, _ in sorted(ckpt["labels"].items(), key=lambda kv: kv[1])]
+    return [order.index(name) for name in ckpt.get("largest_component", ())]
+
+
+def _postprocessing(values: list[int], spacing: list[float], largest: list[int]) -> list[dict]:
     transforms = [
-        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {"_target_": "Lambdad", "keys": "pred", "func": "$bundle_transforms.append_box_channel"},
         {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image",
          "nearest_interp": False, "to_tensor": True},
+        {"_target_": "Lambdad", "keys": "pred", "func": "$bundle_transforms.background_outside_box"},
+        {"_target_": f"{TRANSFORMS}.PastEngineGridd", "keys": "pred", "spacing": [float(v) for v in spacing]},
         {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
     ]
+    if largest:  # engine infer's own post-processing (MONAI's KeepLargestConnectedComponentd needs scikit-image)
+        transforms.append({"_target_": f"{TRANSFORMS}.KeepLargestComponentsd", "keys": "pred", "channels": largest})
     if values != list(range(len(values))):  # channel k -> the k-th label value
         transforms.append({"_target_": "MapLabelValued", "keys": "pred", "orig_labels": list(range(len(values))),
                            "target_labels": values})

@@ -22,7 +22,6 @@ import torch
 import torch.nn as nn
 
 from engine.errors import UserError
-from engine.export.result import ExportResult
 from engine.finetuning.model_card import MODEL_CARD, model_card
 from engine.imageio.volumes import read_input
 from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, segmenter_and_spec
@@ -34,8 +33,8 @@ INPUT, OUTPUT = "image", "logits"
 TOLERANCE = 1e-4  # max |onnxruntime - torch| relative to max |torch| (float32 kernels differ in summation order)
 
 
-def export_onnx(ckpt: dict, out: Path, check_image: Path | None = None):
-    """model.onnx, model.json and MODEL_CARD.md in `out`; raises if onnxruntime disagrees with torch."""
+def export_onnx(ckpt: dict, out: Path, check_image: Path | None = None) -> tuple[list[Path], dict]:
+    """model.onnx, model.json and MODEL_CARD.md in `out`, and the check; raises if onnxruntime disagrees with torch."""
     model, spec = segmenter_and_spec(ckpt)
     model.eval()
     window, source = check_window(model, spec, check_image)
@@ -47,7 +46,7 @@ def export_onnx(ckpt: dict, out: Path, check_image: Path | None = None):
         raise UserError(f"onnxruntime's logits differ from torch's by {check['max_abs_difference']:.3g} "
                         f"({check['relative_difference']:.3g} of the largest logit, tolerance {TOLERANCE}); "
                         f"{path} is not trustworthy")
-    return ExportResult(files, check)
+    return files, check
 
 
 def save_onnx(model: nn.Module, window: torch.Tensor, path: Path) -> None:

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from engine.config.schema import check_choice
 from engine.errors import UserError
+from engine.export.agreement import bundle_agreement
+from engine.export.bundle import write_bundle
+from engine.export.onnx import export_onnx
 from engine.export.result import ExportResult
 from engine.runtime.checkpoint import load_checkpoint
 
@@ -35,8 +38,7 @@ def run_export(request: ExportRequest) -> ExportResult:
         raise UserError(f"--check-image {check_image}: no such file or folder")
     if request.format == "monai-bundle":
         return _export_bundle(ckpt, out, request.version, check_image)
-    from engine.export.onnx import export_onnx
-    return export_onnx(ckpt, out, check_image)
+    return ExportResult(*export_onnx(ckpt, out, check_image))
 
 
 def _segmentation_checkpoint(path: str) -> dict:
@@ -58,8 +60,6 @@ def _output_folder(out: Path, overwrite: bool) -> Path:
 
 
 def _export_bundle(ckpt: dict, out: Path, version: str, check_image: Path | None) -> ExportResult:
-    from engine.export.agreement import bundle_agreement
-    from engine.export.bundle import write_bundle
     files = write_bundle(ckpt, out, version)
     if check_image is None:
         return ExportResult(files)
