@@ -27,8 +27,10 @@ from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
-DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "0", "Steps": "0",
-            "Preset": "tiny", "ModelName": "", "FromScratch": "false"}
+DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
+            "Preset": "fast", "ModelName": "", "FromScratch": "false"}
+# presets whose networks share an encoder (engine/configs/finetune/*.yaml `encoder_preset`), the model's own first
+SAME_ENCODER = {"tiny": ("tiny",), "small": ("small", "fast"), "fast": ("fast", "small"), "base": ("base",)}
 
 
 class MiMSlicer(ScriptedLoadableModule):
@@ -252,6 +254,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        ui.clearReconstructionsButton):
             widget.enabled = not busy
         ui.checkpointPathLineEdit.enabled = not busy and model.isFile
+        ui.stepsSpinBox.enabled = ui.minutesSpinBox.value == 0  # with a time limit, the steps that fit in it
         text, kind = self._jobStatus
         if not text:  # nothing to report: say what to do next, packages first
             text, kind = next((r for r in [self._packagesProblem, *reasons.values()] if r), ""), "hint"
@@ -527,10 +530,11 @@ class MiMSlicerLogic(ScriptedLoadableModuleLogic, Session):
         return self.modelFor(node.GetParameter("Model"), node.GetParameter("Checkpoint"))
 
     def matchPresetToModel(self, node):
-        """A fine-tune must use the network size of the encoder it starts from."""
+        """A fine-tune must use the network size of the encoder it starts from: the model's preset, or one with the
+        same encoder (`fast`, the CPU recipe, has `small`'s), keeping the current choice when it fits."""
         preset = self.selectedModel(node).preset
-        if preset in ("tiny", "small", "base"):
-            node.SetParameter("Preset", preset)
+        if preset in SAME_ENCODER and node.GetParameter("Preset") not in SAME_ENCODER[preset]:
+            node.SetParameter("Preset", SAME_ENCODER[preset][0])
 
     def crosshairPosition(self):
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")

@@ -87,10 +87,10 @@ class Session:
     def startSegmentation(self, volume, model, labels=None, device="auto"):
         return self._start(tasks.SegmentTask(slicer.mrmlScene, volume, model, labels=labels, device=device))
 
-    def startFinetune(self, cases, pretrained, modelName, preset="tiny", steps=None, device="auto", pretrainedLabel=None,
+    def startFinetune(self, cases, pretrained, modelName, preset="fast", steps=None, device="auto", pretrainedLabel=None,
                       minutes=None):
-        """Fine-tune on `cases`; `minutes`: train for that long (engine `--time-limit`), `steps`: at most that many
-        (None or 0: the engine's recipe decides)."""
+        """Fine-tune on `cases`; `minutes`: train for that long (engine `--time-limit`), `steps`: that many
+        when there is no time limit (None or 0: the engine's recipe decides)."""
         return self._start(tasks.FinetuneTask(slicer.mrmlScene, cases, self.planLabels(cases), pretrained,
                                               modelName.strip(), self.catalogue, preset=preset, steps=steps,
                                               device=device, pretrainedLabel=pretrainedLabel, minutes=minutes))

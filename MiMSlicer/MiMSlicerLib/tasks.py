@@ -263,7 +263,7 @@ class FinetuneTask(Task):
     kind = "finetune"
     title = "Fine-tuning"
 
-    def __init__(self, scene, cases, plan, pretrained, modelName, catalogue, preset="tiny", steps=None,
+    def __init__(self, scene, cases, plan, pretrained, modelName, catalogue, preset="fast", steps=None,
                  device="auto", pretrainedLabel=None, minutes=None):
         super().__init__(scene, device)
         self.cases, self.plan, self.pretrained = cases, plan, pretrained or "none"
@@ -278,10 +278,10 @@ class FinetuneTask(Task):
         self.plot = TrainingPlot(self.scene, f"MiM fine-tune · {self.modelName}")
         args = ["--task", "segmentation", "--data", dataset, "--pretrained", self.pretrained, "--preset", self.preset,
                 "--out", os.path.join(folder, "run"), "--device", self.device]
-        if self.steps:
-            args += ["--steps", int(self.steps)]
-        if self.minutes:
+        if self.minutes:  # the steps that fit in the time; "at most N steps" applies without a time limit
             args += ["--time-limit", int(self.minutes)]
+        elif self.steps:
+            args += ["--steps", int(self.steps)]
         return jobs.engineCommand("finetune", *args)
 
     @property

@@ -313,9 +313,9 @@ def test_reload_reads_the_library_again(scene):
 
 # -- the radiologist's loop: train for N minutes, progress that moves ---------------------------------------------
 def test_finetune_trains_for_the_minutes_chosen(jobsFolder, scene, chestCases, tmp_path, monkeypatch):
-    """'Train for 10 min' (the default) becomes `engine finetune --time-limit 10` without --steps (the recipe's);
-    0 minutes and N steps give --steps N alone. Checked on the command line the module builds: the engine's
-    --time-limit flag is another engineer's work in progress."""
+    """'Train for 10 min' (the default) becomes `engine finetune --time-limit 10` without --steps (the steps that
+    fit); 0 minutes and N steps give --steps N alone. The engine's side (--time-limit honoured, recorded) is tested
+    in Testing/finetuning."""
     from mimslicer_testing import loadLabelsAsSegmentation
     from MiMSlicerLib import jobs
     commands = []
@@ -327,8 +327,8 @@ def test_finetune_trains_for_the_minutes_chosen(jobsFolder, scene, chestCases, t
     for row in range(ui.casesListWidget.count):
         ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
     ui.checkpointPathLineEdit.currentPath = pretrainedFile(tmp_path)
-    assert ui.minutesSpinBox.value == 0 and ui.stepsSpinBox.value == 0 and ui.finetuneButton.enabled
-    ui.minutesSpinBox.value = 10  # the engine's --time-limit has not landed yet: off by default until it does
+    assert ui.minutesSpinBox.value == 10 and ui.stepsSpinBox.value == 0 and ui.finetuneButton.enabled
+    assert not ui.stepsSpinBox.enabled  # with a time limit the engine fits the steps to it
     ui.finetuneButton.click()
     command = commands[-1]
     assert command[command.index("finetune") - 2:command.index("finetune")] == ["-m", "engine"]
@@ -336,9 +336,14 @@ def test_finetune_trains_for_the_minutes_chosen(jobsFolder, scene, chestCases, t
     assert command[command.index("--pretrained") + 1] == ui.checkpointPathLineEdit.currentPath
     widget.logic.cancel()
     ui.minutesSpinBox.value = 0
+    assert ui.stepsSpinBox.enabled
     ui.stepsSpinBox.value = 5
     ui.finetuneButton.click()
     assert "--time-limit" not in commands[-1] and commands[-1][commands[-1].index("--steps") + 1] == "5"
+    widget.logic.cancel()
+    ui.minutesSpinBox.value = 3  # both set: the time limit wins (the engine takes one of them)
+    ui.finetuneButton.click()
+    assert commands[-1][commands[-1].index("--time-limit") + 1] == "3" and "--steps" not in commands[-1]
     widget.logic.cancel()
     widget.onPoll()
     widget.cleanup()
@@ -382,5 +387,39 @@ def test_a_new_user_can_fine_tune_from_scratch(jobsFolder, scene, chestCases, mo
     ui.finetuneButton.click()
     assert commands[-1][commands[-1].index("--pretrained") + 1] == "none"
     widget.logic.cancel()
+    widget.onPoll()
+    widget.cleanup()
+
+
+def test_the_recipe_follows_the_encoder_of_the_model_started_from(jobsFolder, scene, chestCases, tmp_path,
+                                                                  monkeypatch):
+    """The default recipe is `fast` (the CPU one, small's encoder); a tiny encoder switches it to tiny, a small one
+    keeps fast (the same encoder), and 'No pre-training' leaves the choice to the user."""
+    from mimslicer_testing import loadLabelsAsSegmentation
+    from MiMSlicerLib import jobs
+    commands = []
+    monkeypatch.setattr(jobs.EngineJob, "start", lambda job: commands.append(job.command) or job)
+    for n, (ct, label) in enumerate(chestCases):
+        loadLabelsAsSegmentation(loadVolume(ct, f"Case {n + 1}"), label, {"heart": 1, "aorta": 2})
+    widget = newWidget()
+    ui = widget.ui
+    assert ui.presetComboBox.currentText == "fast"
+    for row in range(ui.casesListWidget.count):
+        ui.casesListWidget.item(row).setCheckState(qt.Qt.Checked)
+
+    def presetOfCommand():
+        ui.finetuneButton.click()
+        widget.logic.cancel()
+        return commands[-1][commands[-1].index("--preset") + 1]
+
+    ui.checkpointPathLineEdit.currentPath = pretrainedFile(tmp_path)  # a tiny pre-training
+    assert ui.presetComboBox.currentText == "tiny" and presetOfCommand() == "tiny"
+    small = tmp_path / "small"
+    small.mkdir()
+    pretrainedFile(small)
+    (small / "run" / "config.yaml").write_text("method: mim\npreset: small\n")
+    ui.presetComboBox.currentIndex = ui.presetComboBox.findText("fast")
+    ui.checkpointPathLineEdit.currentPath = str(small / "run" / "checkpoint.pt")
+    assert ui.presetComboBox.currentText == "fast" and presetOfCommand() == "fast"
     widget.onPoll()
     widget.cleanup()
