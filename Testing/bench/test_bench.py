@@ -13,6 +13,7 @@ from engine_testing import SHARED_DATA, require_shared_data, run_engine
 
 from engine.bench.report import judge_targets
 from engine.bench.run import run_bench
+from engine.config.finetune import build_finetune_config
 from engine.errors import UserError
 
 REQUIRED = {
@@ -83,6 +84,9 @@ def test_the_loop_trains_within_its_budget_and_scores_an_unseen_case(loop):
     section = report["loop"]
     assert section["budget_min"] > 0 and section["pretrained"]["source"] == "bench"
     assert section["pretrained"]["steps"] >= 1
+    tiny = build_finetune_config("tiny").data  # pre-trained on the grid and window the fine-tuning uses
+    assert (section["pretrained"]["spacing"], section["pretrained"]["hu_window"]) == (list(tiny.spacing),
+                                                                                      list(tiny.hu_window))
     assert set(section["runs"]) == {"lungs_scratch", "lungs_mim"}
     for name, run in section["runs"].items():
         assert "error" not in run, f"{name}: {run.get('error')}"

@@ -172,8 +172,17 @@ def _encoder(run: Callable, profile: LoopProfile, amp: str, data: Path, tmp: Pat
     datalist = tmp / "pretrain.json"
     datalist.write_text(json.dumps({"training": [{"image": str(_cropped(p, tmp / "pretrain_cases", profile.crop))}
                                                  for p in images]}))
-    job = (str(datalist), str(tmp / "pretrain"), profile.pretrain_preset, profile.pretrain_minutes, amp)
+    job = (str(datalist), str(tmp / "pretrain"), profile.pretrain_preset, profile.pretrain_minutes, amp,
+           _recipe_data(profile))
     return run(f"loop: MiM pre-training, {profile.pretrain_minutes:g} min", measure_pretrain_loop, *job)
+
+
+def _recipe_data(profile: LoopProfile) -> dict:
+    """The fine-tuning recipe's grid and window: pre-training sees the CT as the fine-tuning will (fine-tuning takes
+    both from the checkpoint, so a 2 mm pre-training would put the recipe's 4 mm window back to 2 mm)."""
+    from engine.config.finetune import build_finetune_config
+    data = build_finetune_config(profile.preset, overrides=dict(profile.overrides)).data
+    return {"data.spacing": list(data.spacing), "data.hu_window": list(data.hu_window)}
 
 
 def describe_pretrained(path: str) -> dict:
@@ -192,16 +201,18 @@ def describe_pretrained(path: str) -> dict:
             "train_minutes": round(seconds / 60, 1) if seconds else None}
 
 
-def measure_pretrain_loop(datalist: str, out_dir: str, preset: str, minutes: float, amp: str) -> dict:
-    """MiM pre-training within `minutes`; the checkpoint and how long it trained."""
+def measure_pretrain_loop(datalist: str, out_dir: str, preset: str, minutes: float, amp: str,
+                          data: dict | None = None) -> dict:
+    """MiM pre-training within `minutes` (on the grid and window `data`, dotted settings); the checkpoint and how
+    long it trained."""
     from engine.pretraining.run import PretrainRequest, run_pretrain
     t0 = time.perf_counter()
     request = PretrainRequest(datalist, out_dir, method="mim", preset=preset, time_limit=minutes, progress="none",
-                              overrides={"train.amp": amp})
+                              overrides={"train.amp": amp, **(data or {})})
     result = run_pretrain(request)
     cases = len(json.loads(Path(datalist).read_text())["training"])
     return {"source": "bench", "path": str(Path(out_dir) / "checkpoint.pt"), "steps": result.step, "preset": preset,
-            "method": "mim", "cases": cases, "budget_minutes": minutes,
+            "method": "mim", "cases": cases, **{key.split(".")[1]: value for key, value in (data or {}).items()}, "budget_minutes": minutes,
             "train_minutes": round((time.perf_counter() - t0) / 60, 2)}
 
 
