@@ -114,7 +114,7 @@ def test_commands_refuse_what_does_not_fit(model, native_ct, chest, ct_dir, tmp_
     assert "pre-training mim (tiny preset) would need about" in line and "0.05 GB is available (" + LIMIT_ENV in line
     assert "--skip-memory-check" in line and "nothing smaller of this preset fits" in line
     line = _one_error_line(["finetune", "--data", str(chest), "--out", str(out), "--steps", "1"], capsys)
-    assert "fine-tuning segmentation (tiny preset) would need about" in line
+    assert "fine-tuning segmentation (fast preset) would need about" in line  # the default recipe
     line = _one_error_line(["infer", "--checkpoint", str(model), "--input", str(native_ct), "--output",
                             str(out / "seg.nii.gz")], capsys)
     assert f"segmenting {native_ct.name} (tile batch 1) would need about" in line and "free memory" in line
@@ -130,7 +130,8 @@ def test_finetune_refusal_names_a_setting_that_fits(chest, tmp_path, monkeypatch
     assert fewer < asked
     monkeypatch.setenv(LIMIT_ENV, str((asked + fewer) / 2 / MARGIN / 1e9))
     out = tmp_path / "run"
-    line = _one_error_line(["finetune", "--data", str(chest), "--fold", "0", "--out", str(out)], capsys)
+    line = _one_error_line(["finetune", "--data", str(chest), "--preset", "tiny", "--fold", "0", "--out", str(out)],
+                           capsys)
     assert f"--set crop.samples=1 would need about {fewer / 1e9:.2f} GB" in line
     assert not out.exists()
 

@@ -16,20 +16,30 @@ from engine.masking import LevelViews  # noqa: E402
 
 COLUMNS = ("input", "masked input", "reconstruction", "|error|")
 DISPLAY_HU = (-1000.0, 600.0)
+ERROR_HU = 400.0  # the error panel's scale: 0 to this many HU
 
 
-def chain(levels: list[LevelViews]) -> list[int]:
-    """View indices of one lineage: view 0 of the first level, then the first child at each level below."""
+BODY_HU = -500.0  # denser than this is body (not air, not padding)
+
+
+def chain(levels: list[LevelViews], body_level: float | None = None) -> list[int]:
+    """View indices of one lineage: view 0 of the first level, then at each level below the child of the view
+    above with the most body in it (voxels above `body_level`, in the views' [0, 1] scale; None: the first child).
+    A child cut from the edge of the crop can be all air or padding, which shows nothing."""
     picked = [0]
     for views in levels[1:]:
         children = np.nonzero(views.parent.numpy() == picked[-1])[0]
-        picked.append(int(children[0]))
+        if body_level is None:
+            picked.append(int(children[0]))
+            continue
+        body = [(views.images[c] > body_level).float().mean().item() for c in children]
+        picked.append(int(children[int(np.argmax(body))]))
     return picked
 
 
 def write_montage(path: Path, levels: list[LevelViews], results: list[dict], hu_window, names: list[str]) -> Path:
     lo, hi = hu_window
-    picked = chain(levels)
+    picked = chain(levels, (BODY_HU - lo) / (hi - lo))
     fig, axes = plt.subplots(len(levels), 4, figsize=(12, 3.1 * len(levels)), squeeze=False, facecolor="black")
     for row, (views, res, v) in enumerate(zip(levels, results, picked)):
         child_box = _child_box(levels, row, picked)
@@ -41,7 +51,9 @@ def write_montage(path: Path, levels: list[LevelViews], results: list[dict], hu_
         mask = res["mask"][v, 0].numpy()
         for col, img in enumerate(panels):
             ax = axes[row, col]
-            _show(ax, img, k, col, mask)
+            shown = _show(ax, img, k, col, mask)
+            if col == 3:
+                _colour_bar(fig, ax, shown)
             if child_box is not None and col < 3:
                 _outline(ax, child_box, views.images.shape[-1])
             ax.set_axis_off()
@@ -49,7 +61,7 @@ def write_montage(path: Path, levels: list[LevelViews], results: list[dict], hu_
                 ax.set_title(COLUMNS[col], color="white", fontsize=12)
         axes[row, 0].text(-0.06, 0.5, f"{names[row]}\nview {v}\nloss {float(res['loss'][v]):.3f}",
                           transform=axes[row, 0].transAxes, color="white", fontsize=10, ha="right", va="center")
-    fig.subplots_adjust(left=0.1, right=0.99, top=0.94, bottom=0.01, wspace=0.03, hspace=0.05)
+    fig.subplots_adjust(left=0.1, right=0.93, top=0.94, bottom=0.01, wspace=0.03, hspace=0.05)
     fig.savefig(path, dpi=80, facecolor="black")
     plt.close(fig)
     return path
@@ -72,16 +84,24 @@ def _axial(volume: np.ndarray, k: int) -> np.ndarray:
     return volume[:, :, k].T[::-1, ::-1]
 
 
-def _show(ax, img, k, col, mask) -> None:
+def _show(ax, img, k, col, mask):
     if col == 3:
-        ax.imshow(_axial(img, k), cmap="magma", vmin=0, vmax=400, interpolation="nearest")
-        return
-    ax.imshow(_axial(img, k), cmap="gray", vmin=DISPLAY_HU[0], vmax=DISPLAY_HU[1], interpolation="nearest")
+        return ax.imshow(_axial(img, k), cmap="magma", vmin=0, vmax=ERROR_HU, interpolation="nearest")
+    shown = ax.imshow(_axial(img, k), cmap="gray", vmin=DISPLAY_HU[0], vmax=DISPLAY_HU[1], interpolation="nearest")
     if col == 1:
         overlay = np.zeros((*_axial(mask, k).shape, 4))
         overlay[..., 2] = 1.0
         overlay[..., 3] = 0.35 * _axial(mask, k)
         ax.imshow(overlay, interpolation="nearest")
+    return shown
+
+
+def _colour_bar(fig, ax, shown) -> None:
+    """The error panel's scale, in HU, beside it (white on the black figure)."""
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    bar.set_label("|error| HU", color="white", fontsize=9)
+    bar.ax.tick_params(colors="white", labelsize=8)
+    bar.outline.set_edgecolor("white")
 
 
 def _outline(ax, box, roi: int) -> None:
