@@ -141,3 +141,28 @@ def test_set_values_reach_training_with_their_types(ct_dir, tmp_path):
     assert ckpt["config"]["train"]["lr"] == 5e-4 and ckpt["config"]["train"]["amp"] == "off"
     assert all(group["lr"] == pytest.approx(5e-4) for group in ckpt["optimizer"]["param_groups"])  # tiny: 1 warm-up step
     assert json.loads((run / "log.jsonl").read_text().splitlines()[0])["lr"] == pytest.approx(5e-4)
+
+
+def test_the_montage_follows_the_child_with_the_most_body():
+    """A parent's first child may be cut from air or padding at the crop's edge; the montage's chain takes the child
+    of each picked view with the most voxels above the body level (here the second), not simply the first."""
+    import torch
+    from engine.masking import LevelViews, TokenMask
+    from engine.pretraining.montage import chain
+
+    def level(images, parent=None):
+        n = images.shape[0]
+        mask = TokenMask(torch.zeros(n, 1, dtype=torch.bool), torch.zeros(n, 0, dtype=torch.long),
+                         torch.zeros(n, 1, dtype=torch.long))
+        return LevelViews(0, images, mask, torch.zeros(n, 2, 3), torch.zeros(1, dtype=torch.long), 1,
+                          parent=None if parent is None else torch.tensor(parent))
+
+    coarse = level(torch.full((1, 1, 4, 4, 4), 0.5))
+    middle = torch.zeros(3, 1, 4, 4, 4)
+    middle[1, :, :2] = 0.5  # half body
+    middle[2] = 0.5  # all body, but the child of another parent
+    fine = torch.zeros(3, 1, 4, 4, 4)
+    fine[2] = 0.5
+    levels = [coarse, level(middle, [0, 0, 1]), level(fine, [0, 1, 1])]
+    assert chain(levels) == [0, 0, 0]  # the first child at each level
+    assert chain(levels, body_level=0.25) == [0, 1, 2]

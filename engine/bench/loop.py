@@ -109,6 +109,7 @@ def bench_loop(run: Callable, profile: LoopProfile, amp: str, data: Path, tmp: P
                pretrained: str | None = None) -> dict:
     """Every (task, start) of the profile: fine-tune within the budget, segment and score the unseen cases.
     `run(label, fn, *args)` runs one measurement in a process of its own."""
+    tmp.mkdir(parents=True, exist_ok=True)
     cases = _prepare_cases(profile, data, tmp / "cases")
     encoder = _encoder(run, profile, amp, data, tmp, pretrained) if "mim" in profile.starts else None
     runs = {}
