@@ -225,7 +225,8 @@ def test_time_limit_is_honoured_and_recorded(chest, tmp_path, capsys):
     oversubscribed = os.getloadavg()[0] > os.cpu_count()
     assert elapsed < 30 + 10 or oversubscribed, elapsed
     events = _events(capsys.readouterr().out)
-    (plan,) = [e for e in events if e["event"] == "plan"]
+    plans = [e for e in events if e["event"] == "plan"]  # the first, then any re-plan within the warm-up
+    plan = plans[-1]
     steps = plan["steps"]
     assert steps >= 2 and plan["step_s"] > 0 and plan["validate_s"] > 0
     assert all("time_left_s" in e for e in events)

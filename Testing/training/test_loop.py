@@ -105,6 +105,22 @@ def test_train_amp_off_survives_yaml():
     assert TrainConfig(amp=False).amp == "off"  # `--set train.amp=off` is YAML's false
 
 
+def test_within_the_warm_up_the_total_follows_the_latest_pace():
+    """Slow first steps (another program on the cores) then fast ones: the total fixed at the probe is fixed again
+    at the fast pace; a change under 5 % is not taken."""
+    budget = _budget(100.0, spent=0.0, validate_every=None, checkpoint_every=1000, probe=3)
+    for seconds in (5.0, 4.0, 4.0):
+        budget.record_step(seconds)
+    first = budget.plan(3, validate_s=0.0, save_s=0.0)
+    assert 15 <= first <= 28  # about 97 s at 4 s a step
+    for seconds in (1.0, 1.0, 1.0):
+        budget.record_step(seconds)
+    again = budget.replan(6)
+    assert again is not None and again > 3 * first  # about 91 s at 1 s a step
+    budget.record_step(1.02)
+    assert budget.replan(7) is None and budget.steps == again
+
+
 def _budget(seconds, spent, **kw) -> TimeBudget:
     return TimeBudget(seconds, time.monotonic() - spent, **kw)
 

@@ -230,7 +230,7 @@ def measure_finetune_loop(job: LoopJob) -> dict:
     run_dir = Path(job.out_dir) / "run"
     planned = load_checkpoint(run_dir / "checkpoint.pt")["config"]["train"]["steps"]
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-    plan = next((r["plan"] for r in log if "plan" in r), {})
+    plan = next((r["plan"] for r in reversed(log) if "plan" in r), {})  # the last: re-planned in the warm-up
     return {"model": str(result.model_path), "finetune_s": round(seconds, 1), "budget_s": round(job.minutes * 60, 1),
             "steps": result.step, "planned_steps": planned, "out_of_time": result.out_of_time,
             "step_s": round(sum(r["seconds"] for r in log[1:]) / max(1, len(log) - 1), 3),

@@ -3,8 +3,11 @@
 The first `probe` optimiser steps lie in the linear warm-up, where the learning rate does not depend on the total
 yet. They are timed, then one validation and the writing of a checkpoint are timed, and the total is fixed so that
 the remaining steps, the validations and checkpoints they bring and the last ones fit in what is left of the budget
-(the time spent reading the data counts: the clock starts with the run). Should the machine slow down later,
-`overdue` ends the run at the step after which one more would not fit, so the budget holds either way."""
+(the time spent reading the data counts: the clock starts with the run). Until the warm-up ends the total is
+fixed again each step from the latest steps' pace (`replan`), where that moves it by more than REPLAN_CHANGE: the
+first steps can be slow for reasons that pass (other work on the cores, caches filling), and a total fixed from
+them alone would leave most of the budget unused. Should the machine slow down later, `overdue` ends the run at the
+step after which one more would not fit, so the budget holds either way."""
 from __future__ import annotations
 
 import statistics
@@ -15,6 +18,7 @@ from engine.runtime import distributed
 
 PROBE_STEPS = 5  # timed before the length is fixed; the first is left out of the step time (one-off costs)
 PROVISIONAL_STEPS = 10**6  # the schedule's total while probing: warm-up only, so any large number does
+REPLAN_CHANGE = 0.05  # within the warm-up, a new total is taken when it differs from the current one by more
 
 
 @dataclass
@@ -52,9 +56,11 @@ class TimeBudget:
 
     @property
     def step_s(self) -> float:
-        """Seconds per step: the mean of the timed steps after the first (the first alone if that is all)."""
-        timed = self.step_times[1:] or self.step_times
-        return statistics.fmean(timed) if timed else 0.0
+        """Seconds per step: the median of the latest `probe` steps after the first (the first alone if that is
+        all). A median, and the latest steps, so that a few slow steps (another program's burst, the loader's
+        first reads) do not set the pace of the whole run."""
+        timed = (self.step_times[1:] or self.step_times)[-self.probe:]
+        return statistics.median(timed) if timed else 0.0
 
     def record_step(self, seconds: float) -> None:
         if not self.step_times:
@@ -74,6 +80,20 @@ class TimeBudget:
             total -= 1
         self.steps = distributed.min_over_ranks(total)
         return self.steps
+
+    def replan(self, step: int) -> int | None:
+        """Within the warm-up (where the learning rate does not depend on the total), fix the total again at the
+        latest pace; returns the new total when it moved by more than REPLAN_CHANGE, else None (the same on every
+        rank)."""
+        if self.steps is None:
+            return None
+        previous = self.steps
+        self.steps = None
+        total = self.plan(step, self.validate_s, self.save_s)
+        if total <= step or abs(total - previous) <= REPLAN_CHANGE * previous:  # out of time: `overdue` ends it
+            self.steps = previous
+            return None
+        return total
 
     def overdue(self, step: int) -> bool:
         """True when one more step, then the last validation and checkpoint, would not fit (agreed by all ranks).

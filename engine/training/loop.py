@@ -113,8 +113,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
                     total, out_of_time = step, True
             planning = budget is not None and budget.plans_at(step)
             metrics, validate_s = _timed(hooks.validate, step, step == total or planning)
+            planned = None
             if planning:
-                total = budget.plan(step, validate_s, _serialisation_seconds(model, optimizer))
+                planned = budget.plan(step, validate_s, _serialisation_seconds(model, optimizer))
+            elif budget is not None and step < min(cfg.warmup_steps, total) and not out_of_time:
+                planned = budget.replan(step)  # the pace of the first steps may not last
+            if planned is not None:
+                total = planned
                 if hooks.planned is not None:
                     hooks.planned(total)
                 record["plan"] = budget.to_dict()
