@@ -384,17 +384,20 @@ def _infer(args) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="Dice and HD95 per label of predicted vs reference labelmaps")
+    p = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice per label of predicted vs reference labelmaps")
     p.add_argument("--pred", required=True, help="a labelmap, or a folder of them")
     p.add_argument("--ref", required=True, help="the reference labelmap, or a folder (matched by case name)")
     p.add_argument("--labels", help="dataset.json (or any JSON with 'labels') naming the label values")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--tolerance", type=float, default=2.0, metavar="MM",
+                   help="normalised surface Dice: surface voxels within this distance count as agreeing (default 2)")
     p.set_defaults(func=_evaluate)
 
 
 def _evaluate(args) -> None:
     from engine.inference.evaluate import format_table, run_evaluate
-    print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))
+    print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out,
+                                    tolerance=args.tolerance)))
 
 
 def _add_study(sub) -> None:
