@@ -47,3 +47,18 @@ def test_without_tensorboard_nothing_is_written_and_one_line_says_so(monkeypatch
         assert TensorBoardLog.open(tmp_path) is None
     assert [r.levelname for r in caplog.records] == ["INFO"] and "tensorboard" in caplog.records[0].message
     assert not (tmp_path / FOLDER).exists()
+
+
+def test_a_resumed_run_replaces_the_steps_after_its_checkpoint(tmp_path):
+    """A killed run logged steps 1-3, its checkpoint is of step 2: the resumed run's step 3 replaces the old one."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    first = TensorBoardLog.open(tmp_path, 0)
+    for step in (1, 2, 3):
+        first.scalars({"step": step, "loss": float(step), "metrics": {"dice": 0.5}, "skipped": True, "note": "x"})
+    first.close()
+    resumed = TensorBoardLog.open(tmp_path, 2)
+    resumed.scalars({"step": 3, "loss": 30.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / FOLDER)).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert sorted(events.Tags()["scalars"]) == ["loss", "metrics/dice"]  # flags and words are not scalars

@@ -17,8 +17,8 @@ FOLDER = "tensorboard"  # inside the run folder
 
 
 class TensorBoardLog:
-    """A SummaryWriter on `RUN/tensorboard/`; on resume, events of steps after `start_step` are purged, as
-    `loop.trim_log` drops those records from log.jsonl."""
+    """A SummaryWriter on `RUN/tensorboard/`; events of steps after `start_step` that an earlier (killed) process
+    wrote are purged, as `loop.trim_log` drops those records from log.jsonl."""
 
     def __init__(self, writer):
         self.writer = writer
@@ -31,7 +31,7 @@ class TensorBoardLog:
         except ImportError:
             log.info("tensorboard is not installed: no TensorBoard events (log.jsonl has every value)")
             return None
-        return cls(SummaryWriter(str(Path(run_folder) / FOLDER), purge_step=start_step + 1 if start_step else None))
+        return cls(SummaryWriter(str(Path(run_folder) / FOLDER), purge_step=start_step + 1))
 
     def scalars(self, record: dict) -> None:
         """Every finite number of a log record (nested dicts as 'metrics/val_mean_dice'), at its step."""
