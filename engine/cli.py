@@ -333,6 +333,8 @@ def _add_infer(sub) -> None:
     p.add_argument("--probabilities", action="store_true", help="also write one probability map per label")
     p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.nii.gz: per voxel, the "
                    "normalised entropy (0..1) of the class probabilities (their mean over flips with --tta)")
+    p.add_argument("--dicom-seg", action="store_true", help="with a DICOM series folder as --input: also write "
+                   "<stem>.dcm, a DICOM Segmentation object over the series' slices (needs highdicom)")
     p.add_argument("--tta", action="store_true", help="average over flips of each axis (4x slower)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -377,8 +379,9 @@ def _infer(args) -> None:
         print(json.dumps(records, indent=1) if args.json else "\n".join(format_dry_run(r) for r in records))
         return
     request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
-                           uncertainty=args.uncertainty, tta=args.tta, device=args.device, overlap=args.overlap,
-                           progress=args.progress, sw_batch_size=args.sw_batch_size, postprocess=args.postprocess,
+                           uncertainty=args.uncertainty, dicom_seg=args.dicom_seg, tta=args.tta,
+                           device=args.device, overlap=args.overlap, progress=args.progress,
+                           sw_batch_size=args.sw_batch_size, postprocess=args.postprocess,
                            check_memory=not args.skip_memory_check)
     written = run_infer(request)
     if args.progress != "json":

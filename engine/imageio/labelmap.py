@@ -40,6 +40,12 @@ def uncertainty_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{stem_of(path)}_uncertainty.nii.gz")
 
 
+def dicom_seg_path(path: str | os.PathLike) -> Path:
+    """Where `infer --dicom-seg` writes the DICOM Segmentation object beside a labelmap: `<stem>.dcm`."""
+    path = Path(path)
+    return path.with_name(f"{stem_of(path)}.dcm")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 

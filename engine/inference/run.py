@@ -23,7 +23,13 @@ from engine.data.labelled import case_name
 from engine.errors import UserError
 from engine.imageio.dicom import dicom_series
 from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
-from engine.imageio.labelmap import probability_path, uncertainty_path, write_image_atomic, write_labelmap
+from engine.imageio.labelmap import (
+    dicom_seg_path,
+    probability_path,
+    uncertainty_path,
+    write_image_atomic,
+    write_labelmap,
+)
 from engine.imageio.volumes import is_volume_file, read_input
 from engine.inference.postprocess import keep_largest_components
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, count_windows, dry_run_record
@@ -189,6 +195,13 @@ def segmenter_and_spec(ckpt: dict) -> tuple[nn.Module, ModelSpec]:
     return model, spec
 
 
+def dicom_seg_module():
+    """engine.imageio.dicom_seg, once highdicom (an optional dependency) is known to be importable."""
+    from engine.imageio import dicom_seg
+    dicom_seg._highdicom()
+    return dicom_seg
+
+
 def _label_dtype(values: np.ndarray):
     return np.uint8 if values.max() < 256 else np.uint16
 
@@ -219,6 +232,7 @@ class InferRequest:
     output: str  # a labelmap file or a folder
     probabilities: bool = False  # also one probability map per label
     uncertainty: bool = False  # also the normalised entropy of the probabilities, <stem>_uncertainty.nii.gz
+    dicom_seg: bool = False  # also a DICOM SEG over the source slices, <stem>.dcm (input: a DICOM series folder)
     tta: bool = False
     device: str = "auto"
     overlap: float = 0.5
@@ -231,6 +245,8 @@ class InferRequest:
 def run_infer(request: InferRequest) -> list[Path]:
     """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written."""
     jobs = input_jobs(request.input, request.output)
+    if request.dicom_seg:
+        check_dicom_seg_input(request.input)
     predictor = _predictor(request)
     preflight = InferencePreflight(predictor) if request.check_memory else None
     reporter = Progress(request.progress, stage="infer", total=len(jobs))
@@ -243,6 +259,15 @@ def run_infer(request: InferRequest) -> list[Path]:
     reporter.done(len(jobs), written[0] if len(written) == 1 else Path(request.output),
                   paths=[str(p) for p in written])
     return written
+
+
+def check_dicom_seg_input(input_path: str | Path) -> None:
+    """--dicom-seg needs a DICOM series folder (the SEG references its slices) and highdicom, checked before any
+    inference runs."""
+    path = Path(input_path)
+    if not (path.is_dir() and dicom_series(path)):
+        raise UserError(f"--dicom-seg needs a DICOM series folder as --input; {path} is not one")
+    dicom_seg_module()
 
 
 def _predictor(request: InferRequest) -> SegmentationPredictor:
@@ -279,6 +304,9 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
     if result.uncertainty is not None:
         extra["uncertainty"] = write_image_atomic(result.uncertainty, uncertainty_path(target)).name
     labels = {k: v for k, v in predictor.spec.labels.items() if v != 0}
+    if request.dicom_seg and dicom is not None:
+        seg = dicom_seg_module().write_dicom_seg(result.labelmap, dicom.geometry.files, labels, dicom_seg_path(target))
+        extra["dicom_seg"] = seg.name
     return write_labelmap(result.labelmap, target, labels, extra)
 
 
