@@ -91,6 +91,7 @@ def test_mismatched_grids_are_refused(tmp_path):
     with pytest.raises(UserError, match="spacing"):
         run_evaluate(a, b)
     assert main(["evaluate", "--pred", str(a), "--ref", str(tmp_path / "nope.nii.gz")]) == 2
+    assert main(["evaluate", "--pred", str(a), "--ref", str(a), "--tolerance", "-1"]) == 2
 
 
 ORGANS = {"spleen": 1, "kidney_right": 2, "kidney_left": 3, "liver": 5}  # TotalSegmentator v2 values in ts_abdomen
