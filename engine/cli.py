@@ -331,6 +331,10 @@ def _add_infer(sub) -> None:
                    "or a folder of volumes")
     p.add_argument("--output", required=True, help="labelmap file (.nii.gz, .nrrd, .seg.nrrd, .mha) or folder")
     p.add_argument("--probabilities", action="store_true", help="also write one probability map per label")
+    p.add_argument("--uncertainty", action="store_true", help="also write <stem>_uncertainty.nii.gz: per voxel, the "
+                   "normalised entropy (0..1) of the class probabilities (their mean over flips with --tta)")
+    p.add_argument("--dicom-seg", action="store_true", help="with a DICOM series folder as --input: also write "
+                   "<stem>.dcm, a DICOM Segmentation object over the series' slices (needs highdicom)")
     p.add_argument("--tta", action="store_true", help="average over flips of each axis (4x slower)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -374,7 +378,8 @@ def _infer(args) -> None:
         records = dry_run_infer(request)
         print(json.dumps(records, indent=1) if args.json else "\n".join(format_dry_run(r) for r in records))
         return
-    request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities, tta=args.tta,
+    request = InferRequest(args.checkpoint, args.input, args.output, probabilities=args.probabilities,
+                           uncertainty=args.uncertainty, dicom_seg=args.dicom_seg, tta=args.tta,
                            device=args.device, overlap=args.overlap, progress=args.progress,
                            sw_batch_size=args.sw_batch_size, postprocess=args.postprocess,
                            check_memory=not args.skip_memory_check)
@@ -384,17 +389,20 @@ def _infer(args) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="Dice and HD95 per label of predicted vs reference labelmaps")
+    p = sub.add_parser("evaluate", help="Dice, HD95 and surface Dice per label of predicted vs reference labelmaps")
     p.add_argument("--pred", required=True, help="a labelmap, or a folder of them")
     p.add_argument("--ref", required=True, help="the reference labelmap, or a folder (matched by case name)")
     p.add_argument("--labels", help="dataset.json (or any JSON with 'labels') naming the label values")
     p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--tolerance", type=float, default=2.0, metavar="MM",
+                   help="normalised surface Dice: surface voxels within this distance count as agreeing (default 2)")
     p.set_defaults(func=_evaluate)
 
 
 def _evaluate(args) -> None:
     from engine.inference.evaluate import format_table, run_evaluate
-    print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out)))
+    print(format_table(run_evaluate(args.pred, args.ref, labels=args.labels, out=args.out,
+                                    tolerance=args.tolerance)))
 
 
 def _add_study(sub) -> None:

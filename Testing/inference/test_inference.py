@@ -15,8 +15,8 @@ from engine_testing import write_dicom_series
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
 from engine.imageio.volumes import read_input
-from engine.inference.preflight import count_windows
 from engine.inference.postprocess import keep_largest_component, never_hurts
+from engine.inference.preflight import count_windows
 from engine.inference.run import InferenceSettings, ModelSpec, SegmentationPredictor, sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.checkpoint import save_checkpoint

@@ -173,7 +173,7 @@ def _train(job, model: nn.Module, folder: RunFolder, device: torch.device, progr
                                                           "provenance": about["provenance"]}),
                       folder.log_path, _validator(job, model, device, amp, best, folder.path if info.is_main else None,
                                                   about),
-                      budget, planned)
+                      budget, planned, images=lambda: getattr(job, "previews", {}))
     result = train_loop(model, optimizer, job.cfg.train, job.batches(folder.start_step), job.step_fn(model, device),
                         device, folder.start_step, hooks)
     if info.is_main and not (folder.path / MODEL).exists():  # no finite validation score yet: the latest weights

@@ -1,6 +1,7 @@
 """The segmentation task of fine-tuning: network, batches, DiceCE step, sliding-window validation (mean Dice per
-label, and which labels gain from keeping their largest connected component), and what model.pt must carry to be
-used without this code (labels, spacing, window, ROI, post-processing)."""
+label, and which labels gain from keeping their largest connected component, and a middle slice of the first
+validation cases for TensorBoard), and what model.pt must carry to be used without this code (labels, spacing,
+window, ROI, post-processing)."""
 from __future__ import annotations
 
 import math
@@ -21,6 +22,9 @@ from engine.inference.run import sliding_window_probabilities
 from engine.models.segmenter import build_segmenter
 from engine.runtime.distributed import DistInfo
 from engine.training.batches import endless_batches
+from engine.training.tensorboard import slice_preview
+
+PREVIEW_CASES = 2  # validation cases shown in TensorBoard, to keep the event files small
 
 
 class SegmentationTask:
@@ -33,6 +37,7 @@ class SegmentationTask:
         self._validation = None
         self.shard = DistInfo()  # this process's rank among torchrun's
         self.largest_component: list[str] = []  # labels whose largest component alone scored better, last validation
+        self.previews: dict[str, np.ndarray] = {}  # last validation: name -> RGB [3, H, W] middle slice
 
     def check_data(self) -> None:
         verify_cases(self.cases.training + self.cases.validation, self.labels)
@@ -63,10 +68,14 @@ class SegmentationTask:
             self._validation = cached(self.cases.validation, transform)
         raw, largest = (DiceMetric(include_background=False, reduction="none", ignore_empty=True) for _ in range(2))
         n = len(self.labels)
-        for item in self._validation:
+        self.previews = {}
+        for case, item in enumerate(self._validation):
             probs = sliding_window_probabilities(model, _tensor(item[IMAGE])[None], self.cfg.model.roi,
                                                  self.cfg.val.overlap, self.cfg.val.sw_batch_size, amp)
             index = probs.argmax(0)  # [X, Y, Z] channel indices
+            if case < PREVIEW_CASES:
+                self.previews[f"validation/case_{case}"] = slice_preview(
+                    _tensor(item[IMAGE])[0].numpy(), index.numpy(), _tensor(item[LABEL])[0].numpy())
             truth = one_hot(_tensor(item[LABEL])[None].long(), n)
             raw(one_hot(index[None, None], n), truth)
             kept = torch.from_numpy(keep_largest_components(index.numpy(), range(1, n)))

@@ -33,6 +33,19 @@ def probability_path(path: str | os.PathLike, label: str) -> Path:
     return path.with_name(f"{stem_of(path)}_prob_{_safe(label)}.nii.gz")
 
 
+def uncertainty_path(path: str | os.PathLike) -> Path:
+    """Where `infer --uncertainty` writes its float32 volume beside a labelmap: `<stem>_uncertainty.nii.gz`, NIfTI
+    whatever the labelmap's format, as the probability maps are."""
+    path = Path(path)
+    return path.with_name(f"{stem_of(path)}_uncertainty.nii.gz")
+
+
+def dicom_seg_path(path: str | os.PathLike) -> Path:
+    """Where `infer --dicom-seg` writes the DICOM Segmentation object beside a labelmap: `<stem>.dcm`."""
+    path = Path(path)
+    return path.with_name(f"{stem_of(path)}.dcm")
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 

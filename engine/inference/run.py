@@ -23,10 +23,17 @@ from engine.data.labelled import case_name
 from engine.errors import UserError
 from engine.imageio.dicom import dicom_series
 from engine.imageio.geometry import back_to_input, body_box, image_array, resample_channel, to_model_grid, window
-from engine.imageio.labelmap import probability_path, write_image_atomic, write_labelmap
+from engine.imageio.labelmap import (
+    dicom_seg_path,
+    probability_path,
+    uncertainty_path,
+    write_image_atomic,
+    write_labelmap,
+)
 from engine.imageio.volumes import is_volume_file, read_input
 from engine.inference.postprocess import keep_largest_components
 from engine.inference.preflight import InferencePreflight, VolumePlan, check_volume, count_windows, dry_run_record
+from engine.inference.uncertainty import uncertainty_image
 from engine.models.segmenter import segmenter_from_config
 from engine.runtime.checkpoint import load_checkpoint
 from engine.runtime.device import amp_dtype, autocast, pick_device
@@ -80,6 +87,7 @@ class GridVolume:
 class Segmentation:
     labelmap: sitk.Image  # label values, on the input grid
     probabilities: dict[str, sitk.Image] | None  # foreground label name -> probability, on the input grid
+    uncertainty: sitk.Image | None = None  # normalised entropy of the probabilities (float32, [0, 1]), input grid
 
 
 def sliding_window_probabilities(model: nn.Module, image: torch.Tensor, roi: int, overlap: float = 0.5,
@@ -129,8 +137,10 @@ class SegmentationPredictor:
         model, spec = segmenter_and_spec(ckpt)
         return cls(model, spec, settings)
 
-    def predict(self, image: sitk.Image, probabilities: bool = False, sw_batch_size: int | None = None) -> Segmentation:
-        return self.predict_on_grid(image, self.model_grid(image), probabilities, sw_batch_size)
+    def predict(self, image: sitk.Image, probabilities: bool = False, sw_batch_size: int | None = None,
+                uncertainty: bool = False) -> Segmentation:
+        return self.predict_on_grid(image, self.model_grid(image), probabilities, sw_batch_size,
+                                    uncertainty=uncertainty)
 
     def model_grid(self, image: sitk.Image) -> GridVolume:
         """The image on the model grid, windowed, and the box the sliding window runs over."""
@@ -141,10 +151,11 @@ class SegmentationPredictor:
         return GridVolume(grid, volume, box)
 
     def predict_on_grid(self, image: sitk.Image, prepared: GridVolume, probabilities: bool = False,
-                        sw_batch_size: int | None = None,
-                        on_windows: Callable[[int], None] | None = None) -> Segmentation:
+                        sw_batch_size: int | None = None, on_windows: Callable[[int], None] | None = None,
+                        uncertainty: bool = False) -> Segmentation:
         """`predict` from the image's `model_grid`; `sw_batch_size` (windows per forward) overrides the settings';
-        `on_windows(n)` after each forward of n windows (`windows(prepared)` of them in all)."""
+        `on_windows(n)` after each forward of n windows (`windows(prepared)` of them in all); `uncertainty`: also
+        the normalised entropy of the (test-time-averaged) probabilities on the input grid."""
         grid, volume, box = prepared.grid, prepared.volume, prepared.box
         probs = np.zeros((len(self.spec.labels), *volume.shape), dtype=np.float32)
         probs[0] = 1.0  # background outside the body box
@@ -154,7 +165,8 @@ class SegmentationPredictor:
             index = keep_largest_components(index, self.spec.channels(self.spec.largest_component))
         labelmap = sitk.GetImageFromArray(self.spec.values[index].astype(_label_dtype(self.spec.values)))
         labelmap.CopyInformation(image)
-        return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None)
+        return Segmentation(labelmap, self._probability_images(probs, grid, image) if probabilities else None,
+                            uncertainty_image(probs, grid, image) if uncertainty else None)
 
     def windows(self, prepared: GridVolume) -> int:
         """Windows the network runs on for one volume, every test-time flip counted."""
@@ -181,6 +193,13 @@ def segmenter_and_spec(ckpt: dict) -> tuple[nn.Module, ModelSpec]:
     model = segmenter_from_config(ckpt["config"], len(spec.labels))
     model.load_state_dict(ckpt["model"])
     return model, spec
+
+
+def dicom_seg_module():
+    """engine.imageio.dicom_seg, once highdicom (an optional dependency) is known to be importable."""
+    from engine.imageio import dicom_seg
+    dicom_seg._highdicom()
+    return dicom_seg
 
 
 def _label_dtype(values: np.ndarray):
@@ -212,6 +231,8 @@ class InferRequest:
     input: str  # a volume, a DICOM series folder or a folder of volumes
     output: str  # a labelmap file or a folder
     probabilities: bool = False  # also one probability map per label
+    uncertainty: bool = False  # also the normalised entropy of the probabilities, <stem>_uncertainty.nii.gz
+    dicom_seg: bool = False  # also a DICOM SEG over the source slices, <stem>.dcm (input: a DICOM series folder)
     tta: bool = False
     device: str = "auto"
     overlap: float = 0.5
@@ -224,6 +245,8 @@ class InferRequest:
 def run_infer(request: InferRequest) -> list[Path]:
     """Segment a volume, a DICOM series or a folder of volumes; returns the labelmaps written."""
     jobs = input_jobs(request.input, request.output)
+    if request.dicom_seg:
+        check_dicom_seg_input(request.input)
     predictor = _predictor(request)
     preflight = InferencePreflight(predictor) if request.check_memory else None
     reporter = Progress(request.progress, stage="infer", total=len(jobs))
@@ -236,6 +259,15 @@ def run_infer(request: InferRequest) -> list[Path]:
     reporter.done(len(jobs), written[0] if len(written) == 1 else Path(request.output),
                   paths=[str(p) for p in written])
     return written
+
+
+def check_dicom_seg_input(input_path: str | Path) -> None:
+    """--dicom-seg needs a DICOM series folder (the SEG references its slices) and highdicom, checked before any
+    inference runs."""
+    path = Path(input_path)
+    if not (path.is_dir() and dicom_series(path)):
+        raise UserError(f"--dicom-seg needs a DICOM series folder as --input; {path} is not one")
+    dicom_seg_module()
 
 
 def _predictor(request: InferRequest) -> SegmentationPredictor:
@@ -260,7 +292,7 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
         _report_plan(plan, predictor.settings.sw_batch_size, source, reporter)
         sw_batch_size = plan.tile_batch
     windows = WindowProgress(reporter, source, predictor.windows(prepared))
-    result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size, windows)
+    result = predictor.predict_on_grid(image, prepared, probabilities, sw_batch_size, windows, request.uncertainty)
     extra = {"source": str(source), "model": str(request.checkpoint), "tta": predictor.settings.tta,
              "seconds": round(time.perf_counter() - t0, 2)}
     if dicom is not None:
@@ -269,7 +301,12 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
         extra["probabilities"] = {}
         for name, prob in result.probabilities.items():
             extra["probabilities"][name] = write_image_atomic(prob, probability_path(target, name)).name
+    if result.uncertainty is not None:
+        extra["uncertainty"] = write_image_atomic(result.uncertainty, uncertainty_path(target)).name
     labels = {k: v for k, v in predictor.spec.labels.items() if v != 0}
+    if request.dicom_seg and dicom is not None:
+        seg = dicom_seg_module().write_dicom_seg(result.labelmap, dicom.geometry.files, labels, dicom_seg_path(target))
+        extra["dicom_seg"] = seg.name
     return write_labelmap(result.labelmap, target, labels, extra)
 
 

@@ -1,6 +1,7 @@
 """One training loop for pre-training and fine-tuning: warm-up + cosine per iteration, gradient accumulation,
 clipping, autocast, a NaN guard, atomic checkpoints every N steps, a JSONL log, a clean stop on SIGINT/SIGTERM, and
-optionally a wall-clock budget that fixes the number of steps from measured time (`training.budget`)."""
+optionally a wall-clock budget that fixes the number of steps from measured time (`training.budget`). Each log
+record also goes to TensorBoard (`training.tensorboard`) where that package is installed."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -23,6 +25,7 @@ from engine.runtime.device import amp_dtype, autocast
 from engine.runtime.progress import Progress
 from engine.training.budget import PROVISIONAL_STEPS, TimeBudget
 from engine.training.optim import set_lr, warmup_cosine
+from engine.training.tensorboard import TensorBoardLog
 
 # step_fn(batch, progress in [0, 1]) yields (named losses, the tensor to back-propagate), one or more times
 StepFn = Callable[[object, float], Iterable[tuple[dict[str, torch.Tensor], torch.Tensor]]]
@@ -66,7 +69,8 @@ class LoopHooks:
     metrics when it validated (else None): on its own schedule, and always when `now` (the last step, the step that
     fixes a time-limited run's length); the metrics go into that step's log record and progress event, before any
     checkpoint is saved. With a `budget`, the loop fixes the number of steps after the budget's probe and tells
-    `planned(steps)`."""
+    `planned(steps)`. `images()`, if given, returns pictures of the validation just run ({name: RGB [3, H, W]}) for
+    TensorBoard, which is written beside `log_path` (rank 0 only, as the log)."""
 
     progress: Progress
     save: Callable[[int], Path]  # writes the checkpoint of this step, returns its path
@@ -74,12 +78,23 @@ class LoopHooks:
     validate: Callable[[int, bool], dict[str, float] | None] | None = None
     budget: TimeBudget | None = None
     planned: Callable[[int], None] | None = None
+    images: Callable[[], dict[str, np.ndarray]] | None = None
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Iterator,
                step_fn: StepFn, device: torch.device, start_step: int, hooks: LoopHooks) -> LoopResult:
     """Optimiser steps from `start_step` to `cfg.steps` (or to what `hooks.budget` fits), under the autocast
     `cfg.amp` asks for on `device`."""
+    board = TensorBoardLog.open(hooks.log_path.parent, start_step) if hooks.log_path is not None else None
+    try:
+        return _train_loop(model, optimizer, cfg, batches, step_fn, device, start_step, hooks, board)
+    finally:
+        if board is not None:
+            board.close()
+
+
+def _train_loop(model, optimizer, cfg: TrainConfig, batches: Iterator, step_fn: StepFn, device: torch.device,
+                start_step: int, hooks: LoopHooks, board: TensorBoardLog | None) -> LoopResult:
     amp = amp_dtype(cfg.amp, device)
     progress, save, log_path, budget = hooks.progress, hooks.save, hooks.log_path, hooks.budget
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -127,6 +142,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
             if metrics:
                 record["metrics"] = metrics
             _append_log(log_path, record)
+            if board is not None:
+                board.scalars(record)
+                if metrics and hooks.images is not None:
+                    board.images(step, hooks.images())
             if step % cfg.log_every == 0 or step == total or metrics:
                 progress.step(step, losses, metrics=metrics)
             if step % cfg.checkpoint_every == 0 or step == total or stop.requested:

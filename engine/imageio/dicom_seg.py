@@ -1,0 +1,96 @@
+"""A DICOM Segmentation object (highdicom) of a labelmap whose input was a DICOM series: one segment per label, named
+and coded (SNOMED CT where the label names an obvious structure, else the generic 'Tissue'), its frames on the source
+slices themselves (each slice's own position, orientation and pixel spacing, so an irregular series that inference
+resampled gets its labels back on the slices it came from), and references to those slices' SOP instances, study and
+frame of reference, as PACS viewers and 3D Slicer's DICOM module expect.
+
+highdicom is an optional dependency (`pip install 'mimslicer-engine[dicom]'`); only `infer --dicom-seg` needs it."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+import engine
+from engine.errors import UserError
+from engine.imageio.slices import SliceTags, read_slice_tags
+from engine.runtime.atomic import write_atomic
+
+SEG_SERIES_NUMBER = 3001  # DICOM needs one; high, so the SEG sorts after the scanner's series
+SIDES = {"left", "right", "l", "r", "lt", "rt"}
+ALIASES = {"tumour": "Tumor", "tumor": "Tumor", "gtv": "Tumor", "lesion": "Tumor", "lungs": "Lung",
+           "kidneys": "Kidney", "bladder": "UrinaryBladder"}
+
+
+def write_dicom_seg(labelmap: sitk.Image, source_files: Sequence[str], labels: dict[str, int],
+                    path: str | Path) -> Path:
+    """Write the DICOM SEG of `labelmap` (label values, any grid overlapping the series) over the slices
+    `source_files` of one series; `labels`: foreground name -> value (one segment each, in value order)."""
+    hd, pydicom = _highdicom()
+    sources = [pydicom.dcmread(f) for f in source_files]
+    segments = sorted(((name, value) for name, value in labels.items() if value != 0), key=lambda kv: kv[1])
+    numbers = np.zeros(int(max(v for _, v in segments)) + 1, dtype=np.uint16)  # label value -> segment number
+    for n, (_, value) in enumerate(segments, 1):
+        numbers[value] = n
+    frames = np.stack([numbers[slice_labels(labelmap, read_slice_tags(f))] for f in source_files])  # [F, rows, cols]
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=frames.astype(np.uint8 if len(segments) < 256 else np.uint16),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment_description(n, name, hd) for n, (name, _) in enumerate(segments, 1)],
+        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="MiMSlicer", manufacturer_model_name="mim-engine", software_versions=engine.__version__,
+        device_serial_number="none", series_description="MiMSlicer segmentation", content_label="MIMSLICER")
+    return write_atomic(path, lambda tmp: seg.save_as(tmp))
+
+
+def slice_labels(labelmap: sitk.Image, tags: SliceTags) -> np.ndarray:
+    """The labels on one source slice's own pixel grid, [rows, columns], by nearest neighbour (0 off the labelmap)."""
+    row, column = np.array(tags.orientation[:3]), np.array(tags.orientation[3:])
+    direction = np.column_stack([row, column, np.cross(row, column)])  # columns: the i, j, k axes
+    plane = sitk.Image([tags.size[0], tags.size[1], 1], sitk.sitkUInt8)
+    plane.SetSpacing((tags.spacing[0], tags.spacing[1], 1.0))
+    plane.SetOrigin(tags.position)
+    plane.SetDirection(tuple(direction.ravel()))
+    resampled = sitk.Resample(labelmap, plane, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labelmap.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)[0]
+
+
+def segment_description(number: int, name: str, hd):
+    """A segment named `name`: SNOMED CT 'Anatomical Structure' and the structure's code where the name (sides and
+    separators aside, e.g. 'lung_right' -> Lung) is one pydicom knows; a tumour is a 'Morphologically Altered
+    Structure'; anything else is 'Tissue'."""
+    from pydicom.sr.codedict import codes
+    key = _code_key(name)
+    if key == "Tumor":
+        category = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
+        kind = codes.SCT.Tumor
+    elif key and key in codes.SCT:
+        category, kind = codes.SCT.AnatomicalStructure, getattr(codes.SCT, key)
+    else:
+        category, kind = codes.SCT.Tissue, codes.SCT.Tissue
+    algorithm = hd.AlgorithmIdentificationSequence(name="MiMSlicer engine", version=engine.__version__,
+                                                   family=codes.cid7162.ArtificialIntelligence)
+    return hd.seg.SegmentDescription(number, name, category, kind, hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                     algorithm_identification=algorithm)
+
+
+def _code_key(name: str) -> str:
+    """'lung_right' -> 'Lung', 'spinal-cord' -> 'SpinalCord', 'GTV' -> 'Tumor' (pydicom's SCT keywords)."""
+    words = [w for w in re.split(r"[\s_\-.]+", name.lower()) if w and w not in SIDES]
+    joined = "_".join(words)
+    if joined in ALIASES:
+        return ALIASES[joined]
+    return "".join(w.capitalize() for w in words)
+
+
+def _highdicom():
+    try:
+        import highdicom
+        import pydicom
+    except ImportError:
+        raise UserError("--dicom-seg needs highdicom: pip install 'mimslicer-engine[dicom]' (or pip install "
+                        "highdicom)") from None
+    return highdicom, pydicom
