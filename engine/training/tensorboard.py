@@ -58,11 +58,12 @@ def _numbers(record: dict, prefix: str = ""):
 
 
 def slice_preview(image01: np.ndarray, prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """The middle axial slice of a windowed CT [X, Y, Z] (values in [0, 1]) as RGB [3, Y, X], anterior up, with the
-    foreground of the prediction in red and of the reference in green (both: yellow), half transparent."""
+    """The middle axial slice of a windowed CT [X, Y, Z] in RAS (values in [0, 1]) as RGB [3, Y, X] in radiological
+    convention as the montage and overlay show it (anterior up, the patient's right on the left), with the foreground
+    of the prediction in red and of the reference in green (both: yellow), half transparent."""
     k = image01.shape[2] // 2
-    ct = np.clip(image01[:, :, k], 0.0, 1.0).T[::-1]  # [Y, X], rows from the largest y (anterior in RAS) down
-    pred, ref = (np.asarray(m[:, :, k] > 0).T[::-1] for m in (prediction, reference))
+    ct = np.clip(image01[:, :, k], 0.0, 1.0).T[::-1, ::-1]
+    pred, ref = (np.asarray(m[:, :, k] > 0).T[::-1, ::-1] for m in (prediction, reference))
     rgb = np.repeat(ct[None], 3, axis=0).astype(np.float32)
     for channel, mask in ((0, pred), (1, ref)):
         rgb[channel][mask] = 0.5 * rgb[channel][mask] + 0.5
