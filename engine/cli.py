@@ -208,20 +208,21 @@ def _info(args) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: sample CTs -> MiM pre-training -> reconstruction montage")
+    p = sub.add_parser("demo", help="the main job: sample CTs -> MiM pre-training -> reconstruction montage -> "
+                       "fine-tuning within minutes -> segmentation of an unseen case")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, help="pre-training steps (default: the preset's)")
-    p.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: 150)")
+    p.add_argument("--finetune-minutes", type=float, help="the fine-tuning's time budget (default: 5)")
     p.add_argument("--data", help="pre-train on this folder of CTs (or dataset JSON) instead of the sample CTs")
     _progress_arg(p)
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> None:
-    from engine.demo import DEMO_FINETUNE_STEPS, run_demo
-    run_demo(args.out, preset=args.preset, steps=args.steps, finetune_steps=args.finetune_steps or DEMO_FINETUNE_STEPS,
-             data=args.data, progress=args.progress)
+    from engine.demo import DEMO_FINETUNE_MINUTES, run_demo
+    run_demo(args.out, preset=args.preset, steps=args.steps,
+             finetune_minutes=args.finetune_minutes or DEMO_FINETUNE_MINUTES, data=args.data, progress=args.progress)
 
 
 def _add_data(sub) -> None:

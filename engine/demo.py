@@ -1,11 +1,12 @@
 """The main job (`make demo`): sample CTs -> MiM pre-training -> reconstruction montage -> fine-tuning on the
-sample organs from the pre-trained encoder -> segmentation of a case it never trained on (a DICOM series of
-another patient) -> Dice per organ and an overlay PNG."""
+sample organs from the pre-trained encoder within a time budget, with the default recipe -> segmentation of a case
+it never trained on (a DICOM series of another patient) -> Dice per organ and an overlay PNG."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+from engine.config.finetune import DEFAULT_PRESET, build_finetune_config
 from engine.data.samples import DICOM_DIR, fetch_sample_data
 from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.imageio.volumes import read_input
@@ -17,20 +18,23 @@ from engine.pretraining.run import PretrainRequest, run_pretrain
 from engine.runtime.atomic import write_json
 from engine.training.run_folder import CHECKPOINT
 
-DEMO_FINETUNE_STEPS = 150  # the small preset's 300 would double the demo's fine-tuning time
+DEMO_FINETUNE_MINUTES = 5.0  # the fine-tuning's budget (`finetune --time-limit`)
+RECONSTRUCTED = "abdomen_full_ct.nii.gz"  # the whole abdomen: every level's crop lies in the body
+DEMO_HU_WINDOW = DEMO_HU_WINDOW_PLACEHOLDER
 
 
-def run_demo(out: str, preset: str = "small", steps: int | None = None, finetune_steps: int | None = DEMO_FINETUNE_STEPS,
-             data: str | None = None, progress: str = "bar") -> dict:
+def run_demo(out: str, preset: str = "small", steps: int | None = None,
+             finetune_minutes: float | None = DEMO_FINETUNE_MINUTES, data: str | None = None,
+             progress: str = "bar") -> dict:
     out_dir = Path(out)
     t0 = time.perf_counter()
     sample = out_dir / "sample-data"
     fetch_sample_data(sample)
     pretrain_data = data or str(sample / "dataset.json")
     checkpoint = _pretrain(pretrain_data, out_dir / "pretrain", preset, steps, progress)
-    index = run_reconstruct(str(checkpoint), str(sample / "abdomen_ct.nii.gz"), str(out_dir / "reconstruction"),
+    index = run_reconstruct(str(checkpoint), str(sample / RECONSTRUCTED), str(out_dir / "reconstruction"),
                             progress=progress)
-    model = _finetune(sample / "organs.json", out_dir / "finetune", checkpoint, preset, finetune_steps, progress)
+    model = _finetune(sample / "organs.json", out_dir / "finetune", checkpoint, finetune_minutes, progress)
     scores = _segment_unseen_case(model, sample, out_dir / "segmentation", progress)
     summary = {
         "checkpoint": str(checkpoint), "montage": str(out_dir / "reconstruction" / index["montage"]),
@@ -42,20 +46,30 @@ def run_demo(out: str, preset: str = "small", steps: int | None = None, finetune
     return summary
 
 
+def demo_data_settings() -> dict:
+    """What the demo pre-trains on: the fine-tuning recipe's grid, and a soft-tissue window for the organs, so that
+    the fine-tuning (which takes both from the checkpoint) sees the CT as the encoder did."""
+    spacing = list(build_finetune_config(DEFAULT_PRESET).data.spacing)
+    return {"data.spacing": spacing, "data.hu_window": list(DEMO_HU_WINDOW)}
+
+
 def _pretrain(data: str, run_dir: Path, preset: str, steps: int | None, progress: str) -> Path:
     resume = (run_dir / CHECKPOINT).exists()  # a second `make demo` continues (or reuses) the first one's run
     request = PretrainRequest(data, str(run_dir), method="mim", preset=preset, steps=steps, resume=resume,
-                              progress=progress)
+                              progress=progress, overrides={} if resume else demo_data_settings())
     run_pretrain(request)
     return run_dir / CHECKPOINT
 
 
-def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, preset: str, steps: int | None, progress: str) -> Path:
+def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, minutes: float | None, progress: str) -> Path:
+    """The default recipe from the pre-trained encoder, within `minutes`; a second `make demo` reuses its model
+    (or resumes an interrupted run with the steps it chose)."""
     model = run_dir / "model.pt"
     if model.exists():
         return model
+    resume = (run_dir / CHECKPOINT).exists()
     request = FinetuneRequest(str(dataset), str(run_dir), task="segmentation", pretrained=str(checkpoint),
-                              preset=preset, steps=steps, resume=(run_dir / CHECKPOINT).exists(), progress=progress)
+                              time_limit=None if resume else minutes, resume=resume, progress=progress)
     result = run_finetune(request)
     return result.model_path
 
