@@ -20,7 +20,7 @@ from engine.training.run_folder import CHECKPOINT
 
 DEMO_FINETUNE_MINUTES = 5.0  # the fine-tuning's budget (`finetune --time-limit`)
 RECONSTRUCTED = "abdomen_full_ct.nii.gz"  # the whole abdomen: every level's crop lies in the body
-DEMO_HU_WINDOW = DEMO_HU_WINDOW_PLACEHOLDER
+DEMO_HU_WINDOW = (-1000.0, 1000.0)  # as the fine-tuning recipe
 
 
 def run_demo(out: str, preset: str = "small", steps: int | None = None,
