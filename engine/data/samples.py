@@ -28,8 +28,11 @@ FILES = {
 }
 DICOM_MEMBERS = "tests/reference_files/example_ct_dicom/"  # a 20-slice DICOM series of another patient
 DICOM_DIR = "dicom_ct"
-# the organs of the demo's fine-tuning: large structures present in both labelled cases (TotalSegmentator values)
-ORGANS = {"liver": 5, "spleen": 1, "stomach": 6, "aorta": 52}
+# the organs of the demo's fine-tuning (TotalSegmentator values): the liver, which one labelled case teaches within
+# the demo's minutes (Dice 0.87 on the other patient's DICOM series after 4 minutes from scratch). The spleen, stomach
+# and aorta of the same case stayed at Dice 0 even on that case after 400 steps (lr 1e-3 or 3e-3): small structures
+# need more than a few minutes and one case.
+ORGANS = {"liver": 5}
 PSEUDO = "TotalSegmentator model output (pseudo-label), 117-class 'total' map"
 CASES = [
     {"case": "abdomen", "image": "abdomen_ct.nii.gz", "label": "abdomen_label.nii.gz", "label_kind": PSEUDO},
@@ -45,6 +48,8 @@ def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[
     out = Path(out)
     provenance = out / "provenance.json"
     if provenance.exists() and all((out / name).exists() for name in [*FILES, DICOM_DIR, *_organ_files()]):
+        if json.loads((out / "organs.json").read_text())["labels"] != _organ_labels():  # an older demo's organs
+            _write_organ_subset(out)
         return json.loads(provenance.read_text())["cases"]
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,12 +127,16 @@ def _write_dataset_json(out: Path, labels: dict[str, int]) -> None:
     write_json(dataset, out / "dataset.json")
 
 
+def _organ_labels() -> dict[str, int]:
+    return {"background": 0, **{name: i for i, name in enumerate(ORGANS, start=1)}}
+
+
 def _organ_files() -> list[str]:
     return ["organs.json", "abdomen_organs.nii.gz", "dicom_organs.nii.gz"]
 
 
 def _write_organ_subset(out: Path) -> None:
-    """organs.json: fine-tune on the abdomen case's liver, spleen, stomach and aorta; test on the DICOM case."""
+    """organs.json: fine-tune on the abdomen case's ORGANS; test on the DICOM case."""
     import numpy as np
     import SimpleITK as sitk
     lut = np.zeros(256, np.uint8)
@@ -143,7 +152,7 @@ def _write_organ_subset(out: Path) -> None:
         organs = sitk.Resample(organs, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         sitk.WriteImage(organs, str(out / f"{case}_organs.nii.gz"), True)
     dataset = {"name": "sample CT organs (TotalSegmentator pseudo-labels)",
-               "labels": {"background": 0, **{name: i for i, name in enumerate(ORGANS, start=1)}},
+               "labels": _organ_labels(),
                "channel_names": {"0": "CT"},
                "training": [{"image": "abdomen_ct.nii.gz", "label": "abdomen_organs.nii.gz"}],
                "test": [{"image": DICOM_DIR, "label": "dicom_organs.nii.gz"}]}

@@ -52,7 +52,10 @@ class SegmentationTask:
                                drop_last=False)
 
     def step_fn(self, model: nn.Module, device: torch.device):
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        # Dice over the whole batch of crops, without the background (nnU-Net's batch Dice): per crop, a structure
+        # absent from that crop scores Dice ~0 for any false positive, which teaches the network never to predict a
+        # small structure at all (the demo's spleen, stomach and aorta stayed at train Dice 0 for 400 steps)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
 
         def step(batch, progress):
             x, y = _tensor(batch[IMAGE]).to(device), _tensor(batch[LABEL]).to(device)  # [B, 1, R, R, R] each
