@@ -10,7 +10,7 @@ try:  # PySide6's first `__feature__` import scans every loaded module and trips
 except ImportError:
     pass
 import pytest
-from engine_testing import CT_2MM, SHARED_DATA, crop_ct, require_shared_data, run_engine  # noqa: F401
+from engine_testing import CT_2MM, SHARED_DATA, TRAIN, crop_ct, require_shared_data, run_engine  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +37,6 @@ def tiny_pretrain_run(ct_dir, tmp_path_factory) -> Path:
 # cases' names, and a manifest.json beside them records licence, source and label kind as ../shared/data does.
 LUNG_CASES = ("mirp_lung1_001", "pyradiomics_lung1", "ctanalyser_lungdx_a0001")
 CROP = (64, 64, 48)  # 2 mm voxels: 12.8 x 12.8 x 9.6 cm around the middle of the chest, both lungs in it
-TRAIN = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0, "train.lr": 0.002,
-         "val.every": 2}
 
 
 @pytest.fixture(scope="session")

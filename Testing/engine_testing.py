@@ -77,3 +77,8 @@ def run_engine(*args: str, check: bool = True, timeout: int = 600) -> subprocess
     if check and result.returncode != 0:
         raise AssertionError(f"engine {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+# fine-tuning settings of the tiny lung model (conftest's lung_model) and of tests that train like it
+TRAIN = {"augment.flip": 0.0, "augment.rotate90": 0.0, "augment.intensity": 0.0, "train.lr": 0.002,
+         "val.every": 2}

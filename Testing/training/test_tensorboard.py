@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TRAIN
+from engine_testing import TRAIN
 
 from engine.cli import main
 from engine.training.tensorboard import FOLDER, TensorBoardLog
