@@ -28,7 +28,8 @@ from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
-            "Preset": "fast", "ModelName": "", "FromScratch": "false"}
+            "Preset": "fast", "ModelName": "", "FromScratch": "false",
+            "Uncertainty": "false"}
 # presets whose networks share an encoder (engine/configs/finetune/*.yaml `encoder_preset`), the model's own first
 SAME_ENCODER = {"tiny": ("tiny",), "small": ("small", "fast"), "fast": ("fast", "small"), "base": ("base",)}
 
@@ -91,6 +92,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             spin.valueChanged.connect(self.onGUIChanged)
         ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
         ui.fromScratchCheckBox.toggled.connect(self.onGUIChanged)
+        ui.uncertaintyCheckBox.toggled.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
         ui.checkpointPathLineEdit.validInputChanged.connect(self.onCheckpointValidInputChanged)
         ui.reconstructButton.clicked.connect(self.onReconstruct)
@@ -186,6 +188,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _show(ui.presetComboBox, "currentIndex", max(ui.presetComboBox.findText(node.GetParameter("Preset")), 0))
             _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
             _show(ui.fromScratchCheckBox, "checked", node.GetParameter("FromScratch") == "true")
+            _show(ui.uncertaintyCheckBox, "checked", node.GetParameter("Uncertainty") == "true")
         finally:
             self._updating = False
         self.updateButtons()
@@ -205,6 +208,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("Preset", ui.presetComboBox.currentText)
         node.SetParameter("ModelName", ui.modelNameLineEdit.text)
         node.SetParameter("FromScratch", "true" if ui.fromScratchCheckBox.checked else "false")
+        node.SetParameter("Uncertainty", "true" if ui.uncertaintyCheckBox.checked else "false")
         if modelChanged:
             self.logic.matchPresetToModel(node)
         node.EndModify(wasModifying)
@@ -345,7 +349,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegment(self):
         node, model = self._parameterNode, self.logic.selectedModel(self._parameterNode)
         self.runTask(lambda: self.logic.startSegmentation(
-            node.GetNodeReference("InputVolume"), model.path, labels=model.labels, device=node.GetParameter("Device")))
+            node.GetNodeReference("InputVolume"), model.path, labels=model.labels, device=node.GetParameter("Device"),
+            uncertainty=node.GetParameter("Uncertainty") == "true"))
 
     def _fromScratch(self):
         return self._parameterNode is not None and self._parameterNode.GetParameter("FromScratch") == "true"

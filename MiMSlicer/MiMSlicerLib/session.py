@@ -84,8 +84,10 @@ class Session:
         return self._start(tasks.ReconstructTask(slicer.mrmlScene, volume, checkpoint, seed=seed, center=center,
                                                  device=device))
 
-    def startSegmentation(self, volume, model, labels=None, device="auto"):
-        return self._start(tasks.SegmentTask(slicer.mrmlScene, volume, model, labels=labels, device=device))
+    def startSegmentation(self, volume, model, labels=None, device="auto", uncertainty=False):
+        """Segment `volume`; `uncertainty`: also show where the model is unsure, over the CT."""
+        return self._start(tasks.SegmentTask(slicer.mrmlScene, volume, model, labels=labels, device=device,
+                                             uncertainty=uncertainty))
 
     def startFinetune(self, cases, pretrained, modelName, preset="fast", steps=None, device="auto", pretrainedLabel=None,
                       minutes=None):

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from . import catalogue as catalogueModule
-from . import finetuneDataset, jobs, paths, reconstruction, segmentationImport, sliceViews, volumeIO
+from . import finetuneDataset, jobs, paths, reconstruction, segmentationImport, sliceViews, uncertainty, volumeIO
 from .sceneTransaction import SceneTransaction
 from .trainingPlot import TrainingPlot
 
@@ -203,11 +203,13 @@ class SegmentTask(Task):
     kind = "segment"
     title = "Segmentation"
 
-    def __init__(self, scene, volumeNode, model, labels=None, device="auto", name=None):
+    def __init__(self, scene, volumeNode, model, labels=None, device="auto", name=None, uncertainty=False):
         super().__init__(scene, device)
         self.volumeNode, self.model, self.labels = volumeNode, model, labels
         self.name = name or f"{volumeNode.GetName()} MiM segmentation"
         self.windowsDone, self.windows = 0, 0
+        self.uncertainty = uncertainty  # also show where the model is unsure (`engine infer --uncertainty`)
+        self.uncertaintyNode = None
 
     def onEvent(self, event):
         """`engine infer` reports the sliding window's progress inside the volume ('windows' events)."""
@@ -229,8 +231,10 @@ class SegmentTask(Task):
 
     def prepare(self, folder):
         image = self.writeInput(self.volumeNode, os.path.join(folder, "input.nii"))
+        extra = ["--uncertainty"] if self.uncertainty else []
         return jobs.engineCommand("infer", "--checkpoint", self.model, "--input", image,
-                                  "--output", os.path.join(folder, "segmentation.nii.gz"), "--device", self.device)
+                                  "--output", os.path.join(folder, "segmentation.nii.gz"), "--device", self.device,
+                                  *extra)
 
     def load(self):
         labels = self._labels()
@@ -238,6 +242,10 @@ class SegmentTask(Task):
                                                  self.volumeNode, labels, self.name)
         node.SetAttribute(finetuneDataset.MODEL_OUTPUT_ATTRIBUTE, os.path.basename(os.path.dirname(self.model)) or "model")
         sliceViews.setLayers(self.scene, self.volumeNode)  # the CT behind its new segments
+        if self.uncertainty:
+            self.uncertaintyNode = uncertainty.show(
+                self.scene, uncertainty.fileFor(os.path.join(self.tempDir, "segmentation.nii.gz")), self.volumeNode,
+                f"{self.volumeNode.GetName()} MiM uncertainty")
         return node
 
     def _labels(self):

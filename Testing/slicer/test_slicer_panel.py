@@ -423,3 +423,21 @@ def test_the_recipe_follows_the_encoder_of_the_model_started_from(jobsFolder, sc
     assert ui.presetComboBox.currentText == "fast" and presetOfCommand() == "fast"
     widget.onPoll()
     widget.cleanup()
+
+
+def test_show_uncertainty_asks_the_engine_for_it(scene, smallCt, tmp_path):
+    """The panel's 'Show uncertainty' is kept in the parameter node (off by default) and puts --uncertainty on the
+    `engine infer` command line (what it shows is tested with the real engine in test_slicer_segment_finetune)."""
+    from MiMSlicerLib import tasks
+    volume = loadVolume(smallCt, "CT")
+    widget = newWidget()
+    ui, node = widget.ui, widget.logic.getParameterNode()
+    assert not ui.uncertaintyCheckBox.checked and node.GetParameter("Uncertainty") == "false"
+    ui.uncertaintyCheckBox.checked = True
+    assert node.GetParameter("Uncertainty") == "true"
+    for wanted in (False, True):
+        folder = tmp_path / str(wanted)
+        folder.mkdir()
+        command = tasks.SegmentTask(scene, volume, "model.pt", uncertainty=wanted).prepare(str(folder))
+        assert ("--uncertainty" in command) == wanted
+    widget.cleanup()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import slicer
 
-from mimslicer_testing import loadLabelsAsSegmentation, loadVolume
-from MiMSlicerLib import finetuneDataset, hierarchy, segmentationImport, tasks, terminology
+from mimslicer_testing import loadLabelsAsSegmentation, loadVolume, renderSliceView
+from MiMSlicerLib import finetuneDataset, hierarchy, segmentationImport, sliceViews, tasks, terminology
 from MiMSlicerLib.sceneTransaction import SceneTransaction
 from MiMSlicer import MiMSlicerLogic
 
@@ -140,7 +140,7 @@ def test_finetune_from_scene_nodes_fills_the_plot_and_registers_a_model(finetune
     assert not list(mimFolders["temp"].iterdir())
 
 
-def test_registered_model_segments_at_once(finetuned, jobsFolder, scene, chestCases):
+def test_registered_model_segments_at_once(finetuned, jobsFolder, scene, chestCases, tmp_path):
     entry = finetuned["logic"].catalogue.get(finetuned["task"].result["id"])
     volume = loadVolume(chestCases[1][0], "chest1")
     study = underStudy(scene, volume)
@@ -149,10 +149,26 @@ def test_registered_model_segments_at_once(finetuned, jobsFolder, scene, chestCa
     parameters.SetParameter("Model", entry["id"])
     model = logic.selectedModel(parameters)
     assert model.canSegment and model.exists
-    task = logic.startSegmentation(volume, model.path, labels=model.labels)
+    task = logic.startSegmentation(volume, model.path, labels=model.labels, uncertainty=True)
     logic.wait(timeout=300)
     assert task.state == tasks.DONE, task.message
     node = task.result
+    # the uncertainty: on the CT's grid, 0..1, coloured, in front of the CT with the segments, beside it in the tree
+    shown = task.uncertaintyNode
+    assert shown is not None and shown.GetImageData().GetDimensions() == volume.GetImageData().GetDimensions()
+    assert np.allclose(shown.GetSpacing(), volume.GetSpacing()) and np.allclose(shown.GetOrigin(), volume.GetOrigin())
+    values = slicer.util.arrayFromVolume(shown)
+    assert values.min() >= 0.0 and values.max() <= 1.0 and values.max() > values.min()
+    display = shown.GetDisplayNode()
+    assert display.GetApplyThreshold() and display.GetWindow() == pytest.approx(1.0)
+    composite = scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetBackgroundVolumeID() == volume.GetID() and composite.GetForegroundVolumeID() == shown.GetID()
+    assert hierarchy.shNode(scene).GetItemParent(hierarchy.itemFor(scene, shown)) == study
+    bounds = [0.0] * 6
+    volume.GetRASBounds(bounds)
+    sliceViews.focus(scene, [(bounds[2 * i] + bounds[2 * i + 1]) / 2 for i in range(3)], bounds[1] - bounds[0])
+    picture = renderSliceView(scene, "Red", tmp_path / "segment_uncertainty_red.png")
+    assert len(np.unique(picture.reshape(-1, picture.shape[-1]), axis=0)) > 20  # the CT with colours over it
     assert [n for n, _ in segmentationImport.segmentNamesAndColours(node)] == ["heart", "aorta"]
     assert "80891009" in node.GetSegmentation().GetSegment(node.GetSegmentation().GetSegmentIdBySegmentName("heart")).GetTerminology()
     assert node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole()) is volume
