@@ -9,9 +9,10 @@ from pathlib import Path
 from engine.config.finetune import DEFAULT_PRESET, build_finetune_config
 from engine.data.samples import DICOM_DIR, fetch_sample_data
 from engine.finetuning.run import FinetuneRequest, run_finetune
+from engine.imageio.labelmap import uncertainty_path
 from engine.imageio.volumes import read_input
 from engine.inference.evaluate import format_table, run_evaluate
-from engine.inference.overlay import write_overlay
+from engine.inference.overlay import write_overlay, write_uncertainty_overlay
 from engine.inference.run import InferRequest, run_infer
 from engine.pretraining.reconstruct import run_reconstruct
 from engine.pretraining.run import PretrainRequest, run_pretrain
@@ -37,7 +38,8 @@ def run_demo(out: str, preset: str = "small", steps: int | None = None,
     scores = _segment_unseen_case(model, sample, out_dir / "segmentation", progress)
     summary = {
         "checkpoint": str(checkpoint), "montage": str(out_dir / "reconstruction" / index["montage"]),
-        "model": str(model), "dice": scores["dice"], "overlay": scores["overlay"], "table": scores["table"],
+        "model": str(model), "dice": scores["dice"], "overlay": scores["overlay"],
+        "uncertainty": scores["uncertainty"], "table": scores["table"],
         "minutes": round((time.perf_counter() - t0) / 60, 1),
     }
     write_json(summary, out_dir / "summary.json")
@@ -77,7 +79,7 @@ def _finetune(dataset: Path, run_dir: Path, checkpoint: Path, minutes: float | N
 def _segment_unseen_case(model: Path, sample: Path, out_dir: Path, progress: str) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     prediction = out_dir / "dicom_prediction.nii.gz"
-    request = InferRequest(str(model), str(sample / DICOM_DIR), str(prediction), progress=progress)
+    request = InferRequest(str(model), str(sample / DICOM_DIR), str(prediction), uncertainty=True, progress=progress)
     run_infer(request)
     reference = sample / "dicom_organs.nii.gz"
     result = run_evaluate(str(prediction), str(reference), labels=str(sample / "organs.json"),
@@ -86,7 +88,10 @@ def _segment_unseen_case(model: Path, sample: Path, out_dir: Path, progress: str
     dice = {name: s["dice"] for name, s in scores.items() if s.get("dice") is not None}
     ct, _ = read_input(sample / DICOM_DIR)
     overlay = write_overlay(ct, prediction, reference, result["labels"], out_dir / "overlay.png", dice=dice)
-    return {"dice": dice, "overlay": str(overlay), "table": format_table(result)}
+    write_uncertainty_overlay(ct, prediction, reference, uncertainty_path(prediction), result["labels"],
+                              out_dir / "uncertainty.png")
+    return {"dice": dice, "overlay": str(overlay), "uncertainty": str(out_dir / "uncertainty.png"),
+            "table": format_table(result)}
 
 
 def _print_summary(s: dict, out_dir: Path) -> None:
@@ -96,4 +101,5 @@ def _print_summary(s: dict, out_dir: Path) -> None:
     print(f"  fine-tuned segmentation   {s['model']}")
     print(f"  unseen case, Dice         {', '.join(f'{k} {v:.2f}' for k, v in s['dice'].items())}")
     print(f"  overlay                   {s['overlay']}   (dashed: reference, solid: prediction)")
+    print(f"  uncertainty               {s['uncertainty']}   (where the model is unsure, over the CT)")
     print("\n" + s["table"])

@@ -84,3 +84,25 @@ def test_cli_writes_the_uncertainty_beside_the_labelmap(lung_run, held_out_case,
     u = sitk.GetArrayFromImage(uncertainty)
     assert 0.0 <= u.min() and u.max() <= 1.0
     capsys.readouterr()
+
+
+def test_the_uncertainty_picture_and_its_means_where_wrong_and_right(tmp_path):
+    """The demo's uncertainty.png: the means it prints are over the voxels where prediction and reference differ
+    and where they agree; the picture is written with them."""
+    from engine.inference.overlay import uncertainty_where_wrong, write_uncertainty_overlay
+    ref = np.zeros((6, 20, 20), np.uint8)
+    ref[:, 5:15, 5:15] = 1
+    pred = ref.copy()
+    pred[:, 5:15, 14] = 0  # one wrong column of voxels
+    unc = np.full(ref.shape, 0.1, np.float32)
+    unc[pred != ref] = 0.9
+    means = uncertainty_where_wrong(pred, ref, unc)
+    assert means["wrong_voxels"] == 60 and means["wrong"] == pytest.approx(0.9) and means["right"] == pytest.approx(0.1)
+    paths = {}
+    for name, array in (("ct", np.where(ref > 0, 50, -900).astype(np.int16)), ("pred", pred), ("ref", ref),
+                        ("unc", unc)):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(paths[name]))
+    out = write_uncertainty_overlay(sitk.ReadImage(str(paths["ct"])), paths["pred"], paths["ref"], paths["unc"],
+                                    {"organ": 1}, tmp_path / "uncertainty.png")
+    assert out.stat().st_size > 5_000
