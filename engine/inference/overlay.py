@@ -76,7 +76,7 @@ def _contour(ax, mask: np.ndarray, colour: str, style: str) -> None:
         ax.contour(mask.astype(float), levels=[0.5], colors=[colour], linestyles=style, linewidths=1.3)
 
 
-UNCERTAINTY_SHOWN_FROM = 0.05  # below this the CT shows through
+UNCERTAINTY_SHOWN_FROM = 0.25  # below this the CT shows through (the background of a 2-class model sits near 0.2)
 
 
 def uncertainty_where_wrong(pred: np.ndarray, ref: np.ndarray, uncertainty: np.ndarray) -> dict[str, float]:
