@@ -27,24 +27,24 @@ LOOP_RUN = ("model", "finetune_s", "budget_s", "steps", "planned_steps", "step_s
 MACHINE = ("cpu", "cores", "torch", "threads", "flags", "bf16_autocast")
 
 
+def _tiny_bench(tmp_path_factory, name: str, needs: str, why: str, *section: str) -> tuple[dict, str]:
+    """`engine bench [section] --tiny --json`: its JSON report and printed table (skipped without `needs` data)."""
+    require_shared_data()
+    if not (SHARED_DATA / needs).is_dir():
+        pytest.skip(f"{why} needs ../shared/data/{needs}")
+    out = tmp_path_factory.mktemp(name) / f"{name}.json"
+    result = run_engine("bench", *section, "--tiny", "--json", str(out))
+    return json.loads(out.read_text()), result.stdout
+
+
 @pytest.fixture(scope="module")
 def loop(tmp_path_factory) -> tuple[dict, str]:
-    require_shared_data()
-    if not (SHARED_DATA / "lungs-2mm").is_dir():
-        pytest.skip("the loop needs ../shared/data/lungs-2mm")
-    out = tmp_path_factory.mktemp("loop") / "loop.json"
-    result = run_engine("bench", "loop", "--tiny", "--json", str(out))
-    return json.loads(out.read_text()), result.stdout
+    return _tiny_bench(tmp_path_factory, "loop", "lungs-2mm", "the loop", "loop")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> tuple[dict, str]:
-    require_shared_data()
-    if not (SHARED_DATA / "ct-native").is_dir():
-        pytest.skip("the whole-CT timing needs ../shared/data/ct-native")
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
-    result = run_engine("bench", "--tiny", "--json", str(out))
-    return json.loads(out.read_text()), result.stdout
+    return _tiny_bench(tmp_path_factory, "bench", "ct-native", "the whole-CT timing")
 
 
 def test_report_carries_the_keys_runs_are_compared_by(bench):
