@@ -19,7 +19,8 @@ from engine.errors import UserError
 REQUIRED = {
     "inference": ("ours_s", "swinunetr_s", "unet_s", "ours_peak_rss_gb", "ours_gflops", "gemm_peak_gflops"),
     "pretrain": ("mim_base_step_s", "mim_base_peak_rss_gb", "mae_base_view_step_s", "hybridmim_unet_step_s",
-                 "hybridmim_unet_full_recon_step_s"),
+                 "hybridmim_unet_full_recon_step_s", "swinunetr_train_step_s", "mim_base_vs_swinunetr_step",
+                 "hybridmim_unet_vs_swinunetr_step"),
     "finetune": ("step_s", "epoch_s"),
     "loop": ("lungs_scratch_finetune_s", "lungs_mim_finetune_s"),
 }
@@ -71,8 +72,8 @@ def test_every_figure_is_positive_and_finite(bench):
 
 def test_table_names_contenders_runs_and_targets_and_tiny_judges_nothing(bench):
     report, stdout = bench
-    for word in ("swinunetr", "unet", "mim_base", "hybridmim_unet_full_recon", "fine-tuning", "radiologist's loop",
-                 "targets", "--tiny"):
+    for word in ("swinunetr", "unet", "mim_base", "hybridmim_unet_full_recon", "SwinUNETR (feature 12) training step",
+                 "fine-tuning", "radiologist's loop", "targets", "--tiny"):
         assert word in stdout
     assert report["targets"] and all(row["met"] is None for row in report["targets"])
 
@@ -126,15 +127,18 @@ def _report(mode: str, cropped: bool, preset: str, **figures) -> dict:
 
 def test_targets_are_judged_only_where_the_run_measured_what_they_speak_of():
     figures = dict(inference__ours_vs_swinunetr=0.1, inference__ours_s=90.0, inference__ours_gemm_fraction=0.2,
-                   pretrain__mim_base_step_s=17.0, pretrain__mim_base_peak_rss_gb=7.0)
+                   pretrain__mim_base_vs_swinunetr_step=1.2, pretrain__hybridmim_unet_vs_swinunetr_step=0.7,
+                   pretrain__mim_base_peak_rss_gb=7.0)
     full = {r["key"]: r["met"] for r in judge_targets(_report("full", False, "base", **figures))}
     assert full["inference.ours_vs_swinunetr"] is True and full["inference.ours_s"] is False
     assert full["inference.ours_gemm_fraction"] is False  # an "at least" target
-    assert full["pretrain.mim_base_step_s"] is True and full["pretrain.mim_base_peak_rss_gb"] is False
+    assert full["pretrain.mim_base_vs_swinunetr_step"] is True  # issue 18: <= 1.3x a SwinUNETR training step
+    assert full["pretrain.hybridmim_unet_vs_swinunetr_step"] is False  # <= 0.6x
+    assert full["pretrain.mim_base_peak_rss_gb"] is False
     assert full["inference.ours_peak_rss_gb"] is None  # not measured
     quick = {r["key"]: r["met"] for r in judge_targets(_report("quick", True, "small", **figures))}
     assert quick["inference.ours_s"] is None and quick["inference.ours_vs_swinunetr"] is True
-    assert quick["pretrain.mim_base_step_s"] is None  # not the base preset
+    assert quick["pretrain.mim_base_vs_swinunetr_step"] is None  # not the base preset
 
 
 @pytest.mark.parametrize("settings, message", [(dict(seg_preset="tiny"), "SwinUNETR"), (dict(seg_preset="bse"), "base"),

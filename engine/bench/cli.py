@@ -20,8 +20,8 @@ def add_bench(sub) -> None:
     size.add_argument("--quick", action="store_true", help="a few minutes: cropped CT, one step per measurement")
     size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON here")
-    p.add_argument("--preset", help="segmentation preset for inference and fine-tuning (default: small); with "
-                   "`loop`, the loop's fine-tuning preset (default: the default recipe)")
+    p.add_argument("--preset", help="segmentation preset for inference and fine-tuning (default: the default "
+                   "recipe, fast); with `loop`, the loop's fine-tuning preset (same default)")
     p.add_argument("--amp", default="auto", help="auto | bf16 | fp16 (CUDA) | off: autocast of every measurement")
     p.add_argument("--pretrained", help="loop: the MiM pre-training checkpoint to start from (default: pre-train "
                    "one here, briefly)")

@@ -11,6 +11,7 @@ import time
 import torch
 
 from engine.runtime.device import amp_dtype, pick_device
+from engine.training.precision import wants_trial
 
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "neon", "asimd")
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -90,7 +91,8 @@ def machine_info(amp: str = "auto") -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "flags": sorted(flags.intersection(FLAGS)),
         "amp": amp,
-        "autocast_dtype": str(dtype).replace("torch.", "") if dtype is not None else "off",
+        "autocast_dtype": ("fp32 or bf16, measured by each run" if wants_trial(amp, dtype, device)
+                           else str(dtype).replace("torch.", "") if dtype is not None else "off"),
         "bf16_autocast": dtype == torch.bfloat16,
         "load_avg_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }

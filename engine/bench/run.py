@@ -28,8 +28,9 @@ from engine.bench.inference import CONTENDERS, LABELS, InferenceJob, measure_who
 from engine.bench.loop import LOOP_PROFILES, TASKS, LoopProfile, bench_loop, loop_files
 from engine.bench.machine import gemm_peak, machine_info, rss_gb
 from engine.bench.report import judge_targets
-from engine.bench.training import FinetuneJob, PretrainJob, measure_finetune, measure_pretrain
-from engine.config.finetune import build_finetune_config
+from engine.bench.training import (FinetuneJob, PretrainJob, ReferenceStepJob, measure_finetune, measure_pretrain,
+                                   measure_reference_step)
+from engine.config.finetune import DEFAULT_PRESET, build_finetune_config
 from engine.config.schema import check_choice
 from engine.errors import UserError
 from engine.runtime.atomic import write_json
@@ -52,7 +53,7 @@ class BenchProfile:
     """How big one run is: `full` (the issue's sizes), `quick` (a few minutes) or `tiny` (the test suite)."""
 
     mode: str
-    seg_preset: str = "small"  # inference and fine-tuning: the CPU-sized recipe of `make demo` (--preset base: GPU)
+    seg_preset: str = DEFAULT_PRESET  # inference and fine-tuning: the default recipe, what `engine finetune` makes
     inference_overrides: dict = field(default_factory=dict)  # of the segmentation preset, for inference only
     pretrain_preset: str = "base"
     pretrain_ct: str = "ct-2mm/mirp_lung1_001_ct.nii.gz"  # each step draws its crop(s) from this real CT
@@ -61,6 +62,7 @@ class BenchProfile:
     finetune_cases: int = 3  # labelled training cases (an epoch is this many steps)
     ct_crop: tuple[int, int, int] | None = None  # central crop of the native CT in voxels (x, y, z); None = whole
     swin_feature_size: int = 48
+    reference_roi: int = 96  # the SwinUNETR training step the pre-training targets are ratios of
     sw_batch_size: int = 2  # windows per forward (`engine infer`'s default)
     overlap: float = 0.5  # sliding-window overlap (`engine infer`'s default)
     gemm_size: int = 4096
@@ -81,7 +83,8 @@ PROFILES = {
     "tiny": BenchProfile("tiny", seg_preset="tiny", inference_overrides={"model.roi": 64}, pretrain_preset="tiny",
                          pretrain_ct="ct-2mm/pycerr_pat_1_ct.nii.gz", hybridmim_overrides={"mask.roi": 32},
                          finetune_overrides={"crop.samples": 1}, finetune_cases=1, ct_crop=(48, 48, 12),
-                         swin_feature_size=12, sw_batch_size=1, gemm_size=256, gemm_budget_s=0.1, warmup_steps=0,
+                         swin_feature_size=12, reference_roi=64, sw_batch_size=1, gemm_size=256, gemm_budget_s=0.1,
+                         warmup_steps=0,
                          pretrain_steps=1, finetune_epochs=1,
                          note="--tiny: the test suite's size (tiny presets, a 48x48x12 CT crop, one step per "
                               "figure, one fine-tuning case); no figure here means anything"),
@@ -243,9 +246,17 @@ def _pretrain(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, 
         job = PretrainJob(name, method, preset, str(data / profile.pretrain_ct), str(tmp / "pretrain" / name),
                           profile.warmup_steps, profile.pretrain_steps, overrides, amp)
         runs[name] = run(f"pre-training {name}, {preset} preset", measure_pretrain, job)
+    reference = ReferenceStepJob(str(data / profile.pretrain_ct), profile.reference_roi, profile.swin_feature_size,
+                                 len(LABELS), profile.warmup_steps, profile.pretrain_steps, amp)
+    runs["swinunetr_train"] = run(f"SwinUNETR training step, {profile.reference_roi}^3 crop", measure_reference_step,
+                                  reference)
     section: dict = {}
     for name, r in runs.items():
         section[f"{name}_step_s"], section[f"{name}_peak_rss_gb"] = r.get("step_s"), r.get("peak_rss_gb")
+    swin = section["swinunetr_train_step_s"]
+    for name in ("mim_base", "hybridmim_unet"):
+        ours = section[f"{name}_step_s"]
+        section[f"{name}_vs_swinunetr_step"] = round(ours / swin, 3) if ours and swin else None
     section.update({"preset": preset, "ct": profile.pretrain_ct, "runs": runs})
     return section
 

@@ -20,12 +20,18 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matrix multiply is faster than fp32 on this CPU."""
+    """AVX-512 BF16 or AMX, and torch may use them: bf16 matrix multiply can be faster than fp32 on this CPU (whether
+    it is for a given network, `train.amp: auto` measures: training.precision). ATEN_CPU_CAPABILITY=avx2 and
+    ONEDNN_MAX_CPU_ISA=AVX2 (which make torch behave as on an AVX2-only CPU) turn it off."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if "avx512_bf16" not in flags and "amx_bf16" not in flags:
+        return False
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX"):
+        return False
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -25,6 +25,7 @@ from engine.runtime.device import amp_dtype, autocast
 from engine.runtime.progress import Progress
 from engine.training.budget import PROVISIONAL_STEPS, TimeBudget
 from engine.training.optim import set_lr, warmup_cosine
+from engine.training.precision import PrecisionTrial, wants_trial
 from engine.training.tensorboard import TensorBoardLog
 
 # step_fn(batch, progress in [0, 1]) yields (named losses, the tensor to back-propagate), one or more times
@@ -96,6 +97,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainCon
 def _train_loop(model, optimizer, cfg: TrainConfig, batches: Iterator, step_fn: StepFn, device: torch.device,
                 start_step: int, hooks: LoopHooks, board: TensorBoardLog | None) -> LoopResult:
     amp = amp_dtype(cfg.amp, device)
+    trial = PrecisionTrial() if wants_trial(cfg.amp, amp, device) else None
     progress, save, log_path, budget = hooks.progress, hooks.save, hooks.log_path, hooks.budget
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -107,7 +109,8 @@ def _train_loop(model, optimizer, cfg: TrainConfig, batches: Iterator, step_fn: 
             lr = warmup_cosine(step, total, cfg.warmup_steps, cfg.lr, cfg.min_lr)
             set_lr(optimizer, lr)
             t0 = time.perf_counter()
-            losses = _accumulate(model, cfg, batches, step_fn, step, total, device, amp, scaler)
+            step_amp = trial.dtype() if trial is not None else amp
+            losses = _accumulate(model, cfg, batches, step_fn, step, total, device, step_amp, scaler)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad > 0 else None
             skip = grad_norm is not None and not scaler.is_enabled() and not torch.isfinite(grad_norm)
@@ -122,6 +125,12 @@ def _train_loop(model, optimizer, cfg: TrainConfig, batches: Iterator, step_fn: 
                 record["grad_norm"] = float(grad_norm)
             if skip:
                 record["skipped"] = True
+            if trial is not None and not trial.decided:
+                record["amp"] = "bf16" if step_amp is not None else "off"
+                decision = trial.record(record["seconds"])
+                if decision is not None:
+                    record["amp_trial"] = decision
+                    progress.event("precision", step=step, **decision)
             if budget is not None:
                 budget.record_step(record["seconds"])
                 if step < total and budget.overdue(step):  # the machine slowed down: this step is the last
