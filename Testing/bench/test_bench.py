@@ -150,3 +150,28 @@ def test_bad_settings_are_refused_before_anything_runs(settings, message, tmp_pa
     with pytest.raises(UserError, match=message):
         run_bench(**{"mode": "full", **settings}, json_out=str(tmp_path / "never.json"), echo=pytest.fail)
     assert not (tmp_path / "never.json").exists()
+
+
+def test_speed_runs_every_measurement_but_the_loop(monkeypatch, tmp_path):
+    """`engine bench speed`: the speed sections without the loop's half hour of fine-tuning budgets (each measurement
+    stubbed here: what runs is what is asked of the isolated runner)."""
+    import engine.bench.run as bench_run
+    require_shared_data()
+    asked = []
+
+    class Runner:
+        def __init__(self, echo):
+            pass
+
+        def __call__(self, label, fn, *args):
+            asked.append(label)
+            return {"error": "not run in this test"}
+
+    monkeypatch.setattr(bench_run, "IsolatedRunner", Runner)
+    monkeypatch.setattr(bench_run, "bench_loop", lambda *a, **k: pytest.fail("the loop ran"))
+    report = run_bench("tiny", section="speed", data_dir=SHARED_DATA, echo=lambda line: None)
+    assert {"inference", "pretrain", "finetune"} <= set(report) and "loop" not in report
+    assert any(label.startswith("SwinUNETR training step") for label in asked)
+    assert any(label.startswith("whole-CT segmentation, swinunetr") for label in asked)
+    rows = {r["key"]: r for r in report["targets"]}
+    assert rows["loop.lungs_scratch_min_dice"]["value"] is None

@@ -14,8 +14,8 @@ def _positive_float(text: str) -> float:
 def add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time whole-CT segmentation (vs SwinUNETR, UNet), pre-training and fine-tuning; "
                        "`bench loop`: the radiologist's loop (fine-tune within 10 minutes, score unseen CTs)")
-    p.add_argument("section", nargs="?", choices=("all", "loop"), default="all",
-                   help="all (default) or loop: only the radiologist's loop")
+    p.add_argument("section", nargs="?", choices=("all", "speed", "loop"), default="all",
+                   help="all (default); speed: all but the radiologist's loop; loop: only the loop")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a few minutes: cropped CT, one step per measurement")
     size.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's size

@@ -85,7 +85,8 @@ def format_report(report: dict) -> str:
 def _header(report: dict) -> list[str]:
     m, inf = report["machine"], report.get("inference")
     flags = " ".join(m.get("flags", [])) or "none"
-    lines = [f"MiMSlicer bench ({report['mode']}{', loop' if report.get('section') == 'loop' else ''}, commit "
+    section = report.get("section", "all")
+    lines = [f"MiMSlicer bench ({report['mode']}{'' if section == 'all' else ', ' + section}, commit "
              f"{report.get('commit')}, {report.get('date')}) on {m.get('cpu')}, {m.get('cores')} cores, "
              f"{m.get('threads')} threads, torch {m.get('torch')}, autocast {m.get('autocast_dtype')} (flags: {flags})"]
     if inf is not None:

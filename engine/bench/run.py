@@ -45,7 +45,7 @@ VALIDATE_AT_END = 10**9  # fine-tuning validates after its last step only: the b
 # imported once by the forkserver; torch._dynamo is what the first optimiser imports (seconds)
 PRELOAD = ["engine.bench.inference", "engine.bench.training", "engine.bench.loop", "engine.pretraining.run",
            "engine.finetuning.run", "engine.inference.run", "torch._dynamo"]
-SECTIONS = ("all", "loop")  # every measurement, or the radiologist's loop alone
+SECTIONS = ("all", "speed", "loop")  # every measurement; all but the loop (1-4 above); the radiologist's loop alone
 
 
 @dataclass(frozen=True)
@@ -134,31 +134,34 @@ def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto"
               pretrained: str | None = None, loop_minutes: float | None = None,
               loop_overrides: dict | None = None, loop_tasks: tuple[str, ...] | None = None) -> dict:
     """Run every measurement of the profile (progress lines to `echo`, default stderr), write the JSON report if
-    asked; returns the report (`bench_report.format_report` makes the table). `section="loop"` runs the
+    asked; returns the report (`bench_report.format_report` makes the table). `section="speed"` runs every
+    measurement but the loop (its 30 minutes are fine-tuning budgets, not speed); `section="loop"` runs the
     radiologist's loop alone, with `seg_preset` (default: the default fine-tuning recipe), `loop_minutes` and
     `loop_overrides` as its fine-tuning settings, `loop_tasks` (default: the profile's) and `pretrained` as its MiM
     encoder (else pre-trained here)."""
     check_choice("--amp", amp, ("auto", "bf16", "fp16", "off"))
     check_choice("bench section", section, SECTIONS)
-    profile = _profile(mode, seg_preset if section == "all" else None)
+    speed = section in ("all", "speed")
+    profile = _profile(mode, seg_preset if speed else None)
     loop = _loop_profile(mode, seg_preset if section == "loop" else None, loop_minutes, loop_overrides, loop_tasks)
     data = Path(data_dir) if data_dir else SHARED_DATA
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
-    _check_data(data, section, loop, pretrained)
+    _check_data(data, section, loop if section != "speed" else None, pretrained)
     t0 = time.perf_counter()
     run = IsolatedRunner(echo)
-    echo(f"bench ({profile.mode}{', loop' if section == 'loop' else ''}): every measurement in its own process, "
+    echo(f"bench ({profile.mode}{'' if section == 'all' else ', ' + section}): every measurement in its own process, "
          "one after the other")
-    report = {"mode": profile.mode, "section": section, "note": profile.note if section == "all" else loop.note}
+    report = {"mode": profile.mode, "section": section, "note": profile.note if speed else loop.note}
     with tempfile.TemporaryDirectory(prefix="mimslicer-bench-") as tmp:
         report["machine"] = run("machine", machine_info, amp)
-        if section == "all":
+        if speed:
             gemm = run("dense GEMM peak", gemm_peak, profile.gemm_size, profile.gemm_budget_s)
             report["inference"] = _inference(run, profile, amp, data, Path(tmp), gemm)
             report["pretrain"] = _pretrain(run, profile, amp, data, Path(tmp))
             report["finetune"] = run(f"fine-tuning, {profile.seg_preset} preset", measure_finetune,
                                      _finetune_job(profile, amp, data, Path(tmp)))
-        report["loop"] = bench_loop(run, loop, amp, data, Path(tmp) / "loop", pretrained)
+        if section != "speed":
+            report["loop"] = bench_loop(run, loop, amp, data, Path(tmp) / "loop", pretrained)
     report.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), commit=_commit())
     report["targets"] = judge_targets(report)
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -191,8 +194,8 @@ def _profile(mode: str, seg_preset: str | None) -> BenchProfile:
 
 
 def _check_data(data: Path, section: str, loop, pretrained: str | None) -> None:
-    needed = loop_files(data, loop)
-    if section == "all":
+    needed = loop_files(data, loop) if loop is not None else []
+    if section in ("all", "speed"):
         needed += [data / NATIVE_CT, *(data / p.pretrain_ct for p in PROFILES.values()),
                    *(data / LABELLED_DIR / f"{s}_{kind}.nii.gz" for s in FINETUNE_TRAINING + FINETUNE_VALIDATION
                      for kind in ("ct", "label"))]
