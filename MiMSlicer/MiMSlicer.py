@@ -45,7 +45,16 @@ class MiMSlicer(ScriptedLoadableModule):
             "Explore what a Mask-in-Mask (MiM) pre-trained model learnt: hide blocks of a CT at three zoom levels and "
             "watch it reconstruct them, in place. Segment CT with a fine-tuned model, and fine-tune a new one on cases "
             "you labelled in Slicer. Long jobs run in the background; Cancel stops them and leaves the scene as it was.")
-        self.parent.acknowledgementText = "Built on PyTorch, MONAI and SimpleITK."
+        self.parent.acknowledgementText = ("Built on PyTorch, MONAI and SimpleITK. Sample CTs: TotalSegmentator 2.18.0's "
+                                           "test volumes (PyPI source distribution, Apache-2.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Once Slicer has loaded every module: the sample CTs in the Sample Data module (MiMSlicerLib/sampleData.py)."""
+    import SampleData
+    from MiMSlicerLib import sampleData
+    sampleData.register(SampleData.SampleDataLogic, sampleData.Downloader(reportError=slicer.util.errorDisplay))
 
 
 class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
