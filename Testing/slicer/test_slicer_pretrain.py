@@ -4,7 +4,13 @@ encoder, grid and window, for scene volumes or a folder."""
 import os
 
 import pytest
+import qt
 import slicer
+
+try:
+    from __feature__ import true_property  # noqa: F401  (read widgets the PythonQt way, as the module does)
+except ImportError:
+    pass
 
 from mimslicer_testing import loadLabelsAsSegmentation, loadVolume
 from MiMSlicer import MiMSlicerLogic
@@ -70,3 +76,52 @@ def test_pretrain_on_a_folder_writes_nothing_and_a_bad_folder_fails_cleanly(jobs
     with pytest.raises(ValueError, match="needs CT volumes"):
         logic.startPretrain([], folder=None)
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0
+
+
+def test_the_panel_pretrains_shows_progress_and_offers_the_encoder(jobsFolder, scene, smallCt, chestCases, tmp_path):
+    """The widget from its .ui: the button says what it will do, a click starts the job (progress, Cancel), and a
+    finished run selects the new encoder, which fine-tuning then starts from."""
+    from test_slicer_widget import newWidget, shot, waitUntil
+    widget = newWidget()
+    ui = widget.ui
+    ui.pretrainCollapsibleButton.collapsed = False
+    assert not ui.pretrainButton.enabled and "Load CT volumes" in ui.pretrainButton.toolTip
+    loadVolume(smallCt, "Lung CT")
+    for n, (ct, label) in enumerate(chestCases):
+        loadLabelsAsSegmentation(loadVolume(ct, f"Case {n + 1}"), label, {"heart": 1, "aorta": 2})
+    waitUntil(lambda: ui.pretrainButton.enabled, 5000)  # the scene's volumes are counted as they come
+    assert "3 CT volume(s) of the scene (Lung CT, Case 1, Case 2) for 10 min" in ui.pretrainSourceLabel.text
+    assert "'fast' fine-tuning recipe" in ui.pretrainSourceLabel.text
+
+    ui.pretrainFolderLineEdit.text = str(tmp_path / "missing")
+    assert not ui.pretrainButton.enabled and "There is no folder" in ui.pretrainButton.toolTip
+    ui.pretrainFolderLineEdit.text = ""
+    ui.pretrainMinutesSpinBox.value = 3
+    ui.deviceComboBox.currentIndex = 1  # CPU
+    ui.pretrainButton.click()
+    task = widget.logic.task
+    assert isinstance(task, pretraining.PretrainTask) and task.running
+    assert _argument(task.job.command, "--time-limit") == ["3"] and _argument(task.job.command, "--preset") == ["small"]
+    assert _argument(task.job.command, "--device") == ["cpu"]
+    assert not ui.finetuneButton.enabled and not ui.pretrainButton.enabled and ui.cancelButton.enabled
+    waitUntil(lambda: ui.progressLabel.text.startswith("Pre-training:"), 5000)
+    shot(widget, tmp_path, "panel_5_pretraining")
+    ui.cancelButton.click()
+    assert task.state == tasks.CANCELLED and "nothing was added" in ui.statusLabel.text
+    assert not [e for e in widget.logic.catalogue.entries() if e["task"] == "pretraining"]
+
+    # a finished run, through the panel's own job machinery (a 6-second tiny run instead of the spin box's minutes)
+    task = widget.runTask(lambda: widget.logic.startPretrain(widget.logic.sceneCtVolumes(), minutes=0.1, recipe="tiny",
+                                                             device="cpu"))
+    waitUntil(lambda: not task.running, 300000)
+    assert task.state == tasks.DONE, task.message
+    assert ui.modelComboBox.currentText == f"MiM pre-trained · {task.result['name']}"
+    assert ui.startFromLabel.text == task.result["name"]
+    ui.inputVolumeSelector.setCurrentNode(scene.GetFirstNodeByName("Lung CT"))
+    assert ui.reconstructButton.enabled, ui.reconstructButton.toolTip
+    ui.finetuneCollapsibleButton.collapsed = False
+    for i in range(ui.casesListWidget.count):
+        ui.casesListWidget.item(i).setCheckState(qt.Qt.Checked)
+    ui.modelNameLineEdit.text = "heart and aorta"
+    assert ui.finetuneButton.enabled, ui.finetuneButton.toolTip
+    widget.cleanup()
