@@ -98,6 +98,7 @@ def test_the_panel_pretrains_shows_progress_and_offers_the_encoder(jobsFolder, s
     ui.pretrainFolderLineEdit.text = ""
     ui.pretrainMinutesSpinBox.value = 3
     ui.deviceComboBox.currentIndex = 1  # CPU
+    encoders = len(widget.logic.catalogue.entries(task="pretraining"))
     ui.pretrainButton.click()
     task = widget.logic.task
     assert isinstance(task, pretraining.PretrainTask) and task.running
@@ -108,7 +109,7 @@ def test_the_panel_pretrains_shows_progress_and_offers_the_encoder(jobsFolder, s
     shot(widget, tmp_path, "panel_5_pretraining")
     ui.cancelButton.click()
     assert task.state == tasks.CANCELLED and "nothing was added" in ui.statusLabel.text
-    assert not [e for e in widget.logic.catalogue.entries() if e["task"] == "pretraining"]
+    assert len(widget.logic.catalogue.entries(task="pretraining")) == encoders
 
     # a finished run, through the panel's own job machinery (a 6-second tiny run instead of the spin box's minutes)
     task = widget.runTask(lambda: widget.logic.startPretrain(widget.logic.sceneCtVolumes(), minutes=0.1, recipe="tiny",

@@ -108,3 +108,24 @@ def test_the_first_click_fetches_in_the_background_then_loads(scene, registered,
     assert downloader.task.state == tasks.DONE, downloader.task.message
     assert sampleData.isFetched(paths.samplesDir())
     _checkAbdomenCase(scene, downloader.task.result, Path(paths.samplesDir()))
+
+
+def test_a_failed_fetch_is_reported_and_loads_nothing(scene, registered, jobsFolder, tmp_path, monkeypatch):
+    """No package index (pip told not to use one): the engine's own message reaches the user, nothing is loaded."""
+    monkeypatch.setenv("MIMSLICER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))
+    source = registered[0]
+    reported = []
+    source.customDownloader.reportError = reported.append
+    assert SampleData.click(source) == []
+    task = source.customDownloader.task
+    clock = qt.QElapsedTimer()
+    clock.start()
+    while task.running or not reported:
+        qt.QApplication.processEvents()
+        qt.QThread.msleep(20)
+        assert clock.elapsed() < 120000
+    assert task.state == tasks.FAILED
+    assert len(reported) == 1 and "could not download TotalSegmentator==2.18.0" in reported[0]
+    assert scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode") == 0 and not sampleData.isFetched(paths.samplesDir())
