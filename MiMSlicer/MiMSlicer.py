@@ -43,8 +43,10 @@ class MiMSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["MiMSlicer authors"]
         self.parent.helpText = (
             "Explore what a Mask-in-Mask (MiM) pre-trained model learnt: hide blocks of a CT at three zoom levels and "
-            "watch it reconstruct them, in place. Segment CT with a fine-tuned model, and fine-tune a new one on cases "
-            "you labelled in Slicer. Long jobs run in the background; Cancel stops them and leaves the scene as it was.")
+            "watch it reconstruct them, in place. Segment CT with a fine-tuned model, fine-tune a new one on cases "
+            "you labelled in Slicer, and pre-train an encoder on your own CT volumes. Sample CTs with named organs are "
+            "in the Sample Data module (MiMSlicer). Long jobs run in the background; Cancel stops them and leaves the "
+            "scene as it was.")
         self.parent.acknowledgementText = ("Built on PyTorch, MONAI and SimpleITK. Sample CTs: TotalSegmentator 2.18.0's "
                                            "test volumes (PyPI source distribution, Apache-2.0).")
         slicer.app.connect("startupCompleted()", registerSampleData)
