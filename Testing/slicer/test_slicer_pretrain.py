@@ -13,8 +13,9 @@ except ImportError:
     pass
 
 from mimslicer_testing import loadLabelsAsSegmentation, loadVolume
-from MiMSlicer import MiMSlicerLogic
 from MiMSlicerLib import modelChoice, pretraining, tasks
+
+from MiMSlicer import MiMSlicerLogic
 
 
 def test_the_recipes_grid():

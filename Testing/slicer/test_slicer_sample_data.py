@@ -15,7 +15,6 @@ import pytest
 import qt
 import SampleData
 import slicer
-
 from mimslicer_testing import REPO
 from MiMSlicerLib import paths, sampleData, tasks, terminology
 

@@ -1,13 +1,13 @@
 """One name, one colour in Slicer too: the module reads the engine's table (not a copy), and a .seg.nrrd written by the
 engine, read by Slicer's own segmentation storage node into the real MRML scene, has the module's segment names,
 colours and terminology."""
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import SimpleITK as sitk
-
 from mimslicer_testing import DATA, REPO
 from MiMSlicerLib import terminology
 
@@ -33,7 +33,6 @@ def _engineSegNrrd(tmp_path):
     out = tmp_path / "pred.seg.nrrd"
     script = ("import sys, json, SimpleITK as sitk; from engine.imageio.labelmap import write_labelmap; "
               "write_labelmap(sitk.ReadImage(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]))")
-    import json
     subprocess.run([sys.executable, "-c", script, str(source), str(out), json.dumps(LABELS)], cwd=REPO, check=True)
     return out
 
