@@ -22,14 +22,14 @@ from MiMSlicerLib import compatibility  # Python 3.9 syntax: every Slicer reads 
 if compatibility.whyUnsupported(slicer.app):
     raise ImportError(compatibility.whyUnsupported(slicer.app))
 
-from MiMSlicerLib import caseWatch, finetuneDataset, modelChoice, panelText, paths, tasks  # noqa: E402
+from MiMSlicerLib import caseWatch, finetuneDataset, modelChoice, panelText, paths, pretraining, tasks  # noqa: E402
 from MiMSlicerLib.session import FILE_CHOICE, JobRefused, Session  # noqa: E402
 
 DEVICES = ("auto", "cpu")
 CASES_REFRESH_MS = 250  # scene and segmentation events are gathered this long before the case list is rebuilt
 DEFAULTS = {"Model": FILE_CHOICE, "Checkpoint": "", "Device": "auto", "Seed": "0", "Minutes": "10", "Steps": "0",
             "Preset": "fast", "ModelName": "", "FromScratch": "false",
-            "Uncertainty": "false"}
+            "Uncertainty": "false", "PretrainMinutes": "10", "PretrainFolder": ""}
 # presets whose networks share an encoder (engine/configs/finetune/*.yaml `encoder_preset`), the model's own first
 SAME_ENCODER = {"tiny": ("tiny",), "small": ("small", "fast"), "fast": ("fast", "small"), "base": ("base",)}
 
@@ -43,9 +43,20 @@ class MiMSlicer(ScriptedLoadableModule):
         self.parent.contributors = ["MiMSlicer authors"]
         self.parent.helpText = (
             "Explore what a Mask-in-Mask (MiM) pre-trained model learnt: hide blocks of a CT at three zoom levels and "
-            "watch it reconstruct them, in place. Segment CT with a fine-tuned model, and fine-tune a new one on cases "
-            "you labelled in Slicer. Long jobs run in the background; Cancel stops them and leaves the scene as it was.")
-        self.parent.acknowledgementText = "Built on PyTorch, MONAI and SimpleITK."
+            "watch it reconstruct them, in place. Segment CT with a fine-tuned model, fine-tune a new one on cases "
+            "you labelled in Slicer, and pre-train an encoder on your own CT volumes. Sample CTs with named organs are "
+            "in the Sample Data module (MiMSlicer). Long jobs run in the background; Cancel stops them and leaves the "
+            "scene as it was.")
+        self.parent.acknowledgementText = ("Built on PyTorch, MONAI and SimpleITK. Sample CTs: TotalSegmentator 2.18.0's "
+                                           "test volumes (PyPI source distribution, Apache-2.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """Once Slicer has loaded every module: the sample CTs in the Sample Data module (MiMSlicerLib/sampleData.py)."""
+    import SampleData
+    from MiMSlicerLib import sampleData
+    sampleData.register(SampleData.SampleDataLogic, sampleData.Downloader(reportError=slicer.util.errorDisplay))
 
 
 class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -88,9 +99,10 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selector.currentNodeChanged.connect(self.onGUIChanged)
         for combo in (ui.modelComboBox, ui.deviceComboBox, ui.presetComboBox):
             combo.currentIndexChanged.connect(self.onGUIChanged)
-        for spin in (ui.seedSpinBox, ui.minutesSpinBox, ui.stepsSpinBox):
+        for spin in (ui.seedSpinBox, ui.minutesSpinBox, ui.stepsSpinBox, ui.pretrainMinutesSpinBox):
             spin.valueChanged.connect(self.onGUIChanged)
-        ui.modelNameLineEdit.textChanged.connect(self.onGUIChanged)
+        for edit in (ui.modelNameLineEdit, ui.pretrainFolderLineEdit):
+            edit.textChanged.connect(self.onGUIChanged)
         ui.fromScratchCheckBox.toggled.connect(self.onGUIChanged)
         ui.uncertaintyCheckBox.toggled.connect(self.onGUIChanged)
         ui.checkpointPathLineEdit.currentPathChanged.connect(self.onCheckpointPathChanged)
@@ -98,6 +110,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.reconstructButton.clicked.connect(self.onReconstruct)
         ui.segmentButton.clicked.connect(self.onSegment)
         ui.finetuneButton.clicked.connect(self.onFinetune)
+        ui.pretrainButton.clicked.connect(self.onPretrain)
+        ui.pretrainBrowseButton.clicked.connect(self.onPretrainBrowse)
         ui.cancelButton.clicked.connect(self.onCancel)
         ui.dependenciesButton.clicked.connect(self.onDependencies)
         ui.downloadButton.clicked.connect(self.onDownload)
@@ -149,6 +163,7 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.caseWatcher.arm()
         if self._casesNeeded():
             self.refreshCases()
+        self.updateButtons()  # the scene's CT volumes, for pre-training
 
     def _casesNeeded(self):
         """The case list (and the labelmap scan behind its label plan) is only rebuilt while someone can see it."""
@@ -189,6 +204,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _show(ui.modelNameLineEdit, "text", node.GetParameter("ModelName"))
             _show(ui.fromScratchCheckBox, "checked", node.GetParameter("FromScratch") == "true")
             _show(ui.uncertaintyCheckBox, "checked", node.GetParameter("Uncertainty") == "true")
+            _show(ui.pretrainMinutesSpinBox, "value", int(node.GetParameter("PretrainMinutes") or 10))
+            _show(ui.pretrainFolderLineEdit, "text", node.GetParameter("PretrainFolder"))
         finally:
             self._updating = False
         self.updateButtons()
@@ -209,6 +226,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node.SetParameter("ModelName", ui.modelNameLineEdit.text)
         node.SetParameter("FromScratch", "true" if ui.fromScratchCheckBox.checked else "false")
         node.SetParameter("Uncertainty", "true" if ui.uncertaintyCheckBox.checked else "false")
+        node.SetParameter("PretrainMinutes", str(ui.pretrainMinutesSpinBox.value))
+        node.SetParameter("PretrainFolder", ui.pretrainFolderLineEdit.text)
         if modelChanged:
             self.logic.matchPresetToModel(node)
         node.EndModify(wasModifying)
@@ -236,10 +255,12 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         busy, model = self.logic.busy, self.logic.selectedModel(node)
         volume = node.GetNodeReference("InputVolume")
+        volumes, folder = self._pretrainVolumes()
         reasons = {ui.reconstructButton: modelChoice.whyNotReconstruct(volume, model),
                    ui.segmentButton: modelChoice.whyNotSegment(volume, model),
                    ui.finetuneButton: modelChoice.whyNotFinetune(model, self._plan, ui.modelNameLineEdit.text,
-                                                                 self._fromScratch())}
+                                                                 self._fromScratch()),
+                   ui.pretrainButton: modelChoice.whyNotPretrain(volumes, folder)}
         busyText = ("The engine packages are being installed." if self.logic.installing
                     else "Another job is running.")
         for button, reason in reasons.items():
@@ -253,9 +274,11 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.downloadButton.visible = model.needsDownload
         ui.downloadButton.enabled = not busy
         ui.startFromLabel.text = model.startFromText(self._fromScratch())
+        ui.pretrainSourceLabel.text = modelChoice.pretrainSourceText(volumes, folder, ui.pretrainMinutesSpinBox.value,
+                                                                     node.GetParameter("Preset"))
         ui.cancelButton.enabled = self.logic.jobRunning
         for widget in (ui.modelComboBox, ui.deviceComboBox, ui.dependenciesButton, ui.inputVolumeSelector,
-                       ui.clearReconstructionsButton):
+                       ui.clearReconstructionsButton, ui.pretrainBrowseButton):
             widget.enabled = not busy
         ui.checkpointPathLineEdit.enabled = not busy and model.isFile
         ui.stepsSpinBox.enabled = ui.minutesSpinBox.value == 0  # with a time limit, the steps that fit in it
@@ -365,6 +388,23 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if task is not None:
             self.logic.showChart(task.plot.chart)
 
+    def _pretrainVolumes(self):
+        """(the scene's CT volumes, '') or ([], the folder chosen): what 'Pre-train on these volumes' uses."""
+        folder = self._parameterNode.GetParameter("PretrainFolder").strip() if self._parameterNode else ""
+        return ([], folder) if folder else (self.logic.sceneCtVolumes(), "")
+
+    def onPretrain(self):
+        node, (volumes, folder) = self._parameterNode, self._pretrainVolumes()
+        self.runTask(lambda: self.logic.startPretrain(
+            volumes, folder=folder or None, minutes=int(node.GetParameter("PretrainMinutes") or 10),
+            recipe=node.GetParameter("Preset"), device=node.GetParameter("Device")))
+
+    def onPretrainBrowse(self):
+        folder = qt.QFileDialog.getExistingDirectory(self.parent, "Folder of CT volumes to pre-train on",
+                                                     self.ui.pretrainFolderLineEdit.text)
+        if folder:
+            self.ui.pretrainFolderLineEdit.text = folder
+
     def onDownload(self):
         model = self.logic.selectedModel(self._parameterNode)
         self.runTask(lambda: self.logic.startDownload(model.entry))
@@ -412,8 +452,8 @@ class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif task.state == tasks.DONE and isinstance(task, tasks.SegmentTask):
             self._segmentedVolumeID = task.volumeNode.GetID()
             self.ui.segmentResultLabel.text = panelText.status(task.message, "done")
-        elif task.state == tasks.DONE and isinstance(task, tasks.FinetuneTask):
-            self.refreshModels(selectID=task.result["id"])
+        elif task.state == tasks.DONE and isinstance(task, (tasks.FinetuneTask, pretraining.PretrainTask)):
+            self.refreshModels(selectID=task.result["id"])  # ready to segment, or to fine-tune from
         self.refreshCases()
         self.setJobStatus(task.message, kind)
 

@@ -184,12 +184,18 @@ def _add_sample_data(sub) -> None:
     p = sub.add_parser("sample-data", help="fetch the default sample CTs (TotalSegmentator's test volumes)")
     p.add_argument("--out", required=True)
     p.add_argument("--sdist", help="use this already downloaded totalsegmentator-2.18.0.tar.gz")
+    _progress_arg(p)
     p.set_defaults(func=_sample_data)
 
 
 def _sample_data(args) -> None:
+    import json
+
     from engine.data.samples import fetch_sample_data
     cases = fetch_sample_data(args.out, sdist=args.sdist)
+    if args.progress == "json":  # one event, as the other commands end (the 3D Slicer module reads it)
+        print(json.dumps({"event": "done", "path": str(args.out), "cases": cases}), flush=True)
+        return
     for case in cases:
         print(f"{case['image']}")
 

@@ -13,7 +13,7 @@ import numpy as np
 import qt
 import slicer
 
-from . import dependencies, finetuneDataset, jobs, paths, tasks
+from . import dependencies, finetuneDataset, jobs, paths, sampleData, tasks
 
 
 @contextlib.contextmanager
@@ -48,6 +48,7 @@ def run(test, folder):
     """Entry point called by MiMSlicerTest.runTest() inside ownFolders(): `folder` is the temporary folder."""
     test.delayDisplay("MiMSlicer: widget from the .ui in Slicer")
     testWidget(test)
+    testSampleDataButtons(test)
     missing = dependencies.Dependencies().check()
     if missing:
         test.delayDisplay("Engine packages missing, engine tests skipped: " + ", ".join(r.describe() for r in missing))
@@ -55,6 +56,7 @@ def run(test, folder):
     checkpoint = pretrainTiny(test, folder)
     testExploreInLayout(test, checkpoint)
     testFinetuneAndSegmentInLayout(test, checkpoint)
+    testPretrainInPanel(test)
     testCancel(test, checkpoint)
     test.assertEqual(os.listdir(os.environ["MIMSLICER_TEMP"]), [], "temporary job folders left behind")
     test.delayDisplay("MiMSlicer: all desktop tests passed")
@@ -70,6 +72,31 @@ def testWidget(test):
     test.assertFalse(widget.ui.reconstructButton.enabled)
     test.assertTrue(widget.ui.statusLabel.text)  # tells what to do first
     test.assertEqual(paths.enginePython() != "", True)
+
+
+def testSampleDataButtons(test):
+    """The real Sample Data module shows a button per MiMSlicer sample (registered at startupCompleted); not clicked:
+    that would download from PyPI."""
+    import SampleData
+    sources = SampleData.SampleDataLogic.sampleDataSourcesByCategory(sampleData.CATEGORY)
+    test.assertEqual([s.sampleName for s in sources], [s.title for s in sampleData.SAMPLES])
+    slicer.util.selectModule("SampleData")
+    for sample in sampleData.SAMPLES:
+        button = slicer.util.findChild(slicer.modules.SampleDataWidget.parent, f"{sample.title}PushButton")
+        test.assertEqual(button.text, sample.title)
+    slicer.util.selectModule("MiMSlicer")
+
+
+def testPretrainInPanel(test):
+    test.delayDisplay("Pre-train on the scene's CT for a few seconds: the encoder joins the model list")
+    widget = slicer.util.getModuleWidget("MiMSlicer")
+    volume, _ = phantom("Pre-training phantom")
+    task = widget.runTask(lambda: widget.logic.startPretrain([volume], minutes=0.1, recipe="tiny"))
+    waitForTask(widget.logic)
+    widget.onPoll()
+    test.assertEqual(task.state, tasks.DONE, task.message)
+    test.assertEqual(widget.ui.modelComboBox.currentText, f"MiM pre-trained · {task.result['name']}")
+    slicer.mrmlScene.RemoveNode(volume)
 
 
 def phantom(name="MiM phantom", shift=0):

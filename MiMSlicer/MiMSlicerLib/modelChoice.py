@@ -113,3 +113,26 @@ def whyNotFinetune(model, plan, modelName, fromScratch=False):
 
 def _missing(model):
     return "Download the model first (step 1)." if model.needsDownload else "The selected model file does not exist."
+
+
+def whyNotPretrain(volumes, folder):
+    """volumes: the scene's CT volumes; folder: the folder typed or chosen ('' for the scene's volumes)."""
+    if folder:
+        return "" if os.path.isdir(folder) else f"There is no folder {folder}."
+    if not volumes:
+        return ("Load CT volumes to pre-train on (the Sample Data module has some, under MiMSlicer), or choose a "
+                "folder of CT files.")
+    return ""
+
+
+def pretrainSourceText(volumes, folder, minutes, recipe):
+    """What 'Pre-train on these volumes' will do, in one line."""
+    if folder:
+        what = f"the CT files and DICOM series in {folder}"
+    elif volumes:
+        names = ", ".join(v.GetName() for v in volumes[:4]) + (", …" if len(volumes) > 4 else "")
+        what = f"{len(volumes)} CT volume(s) of the scene ({names})"
+    else:
+        return ""
+    return (f"Pre-trains on {what} for {minutes} min, on the grid and window of the '{recipe}' fine-tuning recipe "
+            "(step 4), so a fine-tune sees the CT as the encoder did.")

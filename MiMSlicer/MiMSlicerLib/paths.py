@@ -67,6 +67,11 @@ def modelsDir():
     return os.path.join(userDataDir(), "models")
 
 
+def samplesDir():
+    """Where the sample CTs of the Sample Data module are fetched to (once, by the engine: `engine sample-data`)."""
+    return os.path.join(userDataDir(), "downloads", "samples", "totalsegmentator-2.18.0")
+
+
 def temporaryRoot():
     """Parent of every job's temporary folder (each job removes its own folder when it ends)."""
     path = os.environ.get("MIMSLICER_TEMP")

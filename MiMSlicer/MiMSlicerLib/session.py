@@ -4,7 +4,7 @@ import time
 
 import slicer
 
-from . import finetuneDataset, modelChoice, paths, reconstruction, tasks
+from . import finetuneDataset, modelChoice, paths, pretraining, reconstruction, tasks, uncertainty
 from .catalogue import ModelCatalogue
 from .dependencies import Dependencies
 
@@ -96,6 +96,24 @@ class Session:
         return self._start(tasks.FinetuneTask(slicer.mrmlScene, cases, self.planLabels(cases), pretrained,
                                               modelName.strip(), self.catalogue, preset=preset, steps=steps,
                                               device=device, pretrainedLabel=pretrainedLabel, minutes=minutes))
+
+    def startPretrain(self, volumes=(), folder=None, minutes=10, recipe="fast", device="auto", name=None):
+        """MiM pre-training on `volumes` (scene nodes) or the CT files in `folder`, for `minutes`, on the grid of the
+        fine-tuning recipe `recipe`; the encoder joins the catalogue when it ends."""
+        return self._start(pretraining.PretrainTask(slicer.mrmlScene, self.catalogue, volumes=volumes, folder=folder,
+                                                    minutes=minutes, recipe=recipe, device=device, name=name))
+
+    def sceneCtVolumes(self):
+        """The scene's CT volumes to pre-train on: scalar volumes shown to the user (not labelmaps, not the nodes of
+        a reconstruction, which are hidden from editors, nor an uncertainty map)."""
+        scene, found = slicer.mrmlScene, []
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            made = node.GetAttribute(uncertainty.ATTRIBUTE) or node.GetAttribute(reconstruction.ATTRIBUTE)
+            if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.GetHideFromEditors() and node.GetImageData() \
+                    and not made:
+                found.append(node)
+        return found
 
     def _start(self, task):
         if self.busy:

@@ -267,7 +267,28 @@ class SegmentTask(Task):
         return f"Segmented {self.volumeNode.GetName()}: {', '.join(names)}."
 
 
-class FinetuneTask(Task):
+class TimedTask(Task):
+    """A training job with a time budget (`--time-limit`, self.minutes; None or 0: the steps decide): its progress
+    is steps done or time used, whichever is further."""
+    minutes = None
+
+    @property
+    def fraction(self):
+        if not self.minutes or self.startTime is None or self.state != RUNNING:
+            return super().fraction
+        return max(super().fraction, min(1.0, (time.monotonic() - self.startTime) / (60 * self.minutes)))
+
+    def progressText(self):
+        if not self.minutes or self.startTime is None:
+            return super().progressText()
+        parts = [f"{self.title}: step {self.step}"] if self.step else [f"{self.title}: starting"]
+        if isinstance(self.lastLoss, (int, float)):
+            parts.append(f"loss {self.lastLoss:.3f}")
+        used = (time.monotonic() - self.startTime) / 60
+        return " · ".join(parts + [f"{min(used, self.minutes):.0f} of {self.minutes:g} min"])
+
+
+class FinetuneTask(TimedTask):
     kind = "finetune"
     title = "Fine-tuning"
 
@@ -291,22 +312,6 @@ class FinetuneTask(Task):
         elif self.steps:
             args += ["--steps", int(self.steps)]
         return jobs.engineCommand("finetune", *args)
-
-    @property
-    def fraction(self):
-        """Steps done, or time used of the time limit, whichever is further."""
-        if not self.minutes or self.startTime is None or self.state != RUNNING:
-            return super().fraction
-        return max(super().fraction, min(1.0, (time.monotonic() - self.startTime) / (60 * self.minutes)))
-
-    def progressText(self):
-        if not self.minutes or self.startTime is None:
-            return super().progressText()
-        parts = [f"{self.title}: step {self.step}"] if self.step else [f"{self.title}: starting"]
-        if isinstance(self.lastLoss, (int, float)):
-            parts.append(f"loss {self.lastLoss:.3f}")
-        used = (time.monotonic() - self.startTime) / 60
-        return " · ".join(parts + [f"{min(used, self.minutes):.0f} of {self.minutes} min"])
 
     def onEvent(self, event):
         if self.plot is not None:

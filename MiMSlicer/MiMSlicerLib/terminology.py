@@ -1,77 +1,42 @@
-"""Standard terminology (SNOMED CT codes, as DICOM and Slicer's Terminologies module use them) and display colours
-for label names a CT model is likely to have. Unknown names get a colour from a fixed palette and no terminology.
+"""Standard terminology (SNOMED CT codes) and display colours of label names: the engine's one table
+(engine/imageio/terminology.py), read from the bundled engine so that a structure has the same name and colour in
+Slicer as in the engine's .seg.nrrd and overlay PNG. Loaded by its file path: the rest of the engine (and its
+packages) is never imported into Slicer's Python, and no `engine` package is put on sys.path."""
+import importlib.util
+import os
 
-A Slicer terminology entry is one string: context~category~type~typeModifier~anatomicContext~region~regionModifier,
-each code written as scheme^value^meaning."""
-import re
+from . import paths
 
-CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-ANATOMY_CONTEXT = "Anatomic codes - DICOM master list"
-ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
-ALTERED_STRUCTURE = ("SCT", "49755003", "Morphologically Altered Structure")
-LEFT = ("SCT", "7771000", "Left")
-RIGHT = ("SCT", "24028007", "Right")
 
-# normalised name -> (category, type code, colour 0..255)
-KNOWN_STRUCTURES = {
-    "heart": (ANATOMICAL_STRUCTURE, ("SCT", "80891009", "Heart"), (206, 110, 84)),
-    "aorta": (ANATOMICAL_STRUCTURE, ("SCT", "15825003", "Aorta"), (224, 97, 76)),
-    "liver": (ANATOMICAL_STRUCTURE, ("SCT", "10200004", "Liver"), (221, 130, 101)),
-    "spleen": (ANATOMICAL_STRUCTURE, ("SCT", "78961009", "Spleen"), (157, 108, 162)),
-    "kidney": (ANATOMICAL_STRUCTURE, ("SCT", "64033007", "Kidney"), (185, 102, 83)),
-    "lung": (ANATOMICAL_STRUCTURE, ("SCT", "39607008", "Lung"), (197, 165, 145)),
-    "spinal cord": (ANATOMICAL_STRUCTURE, ("SCT", "2748008", "Spinal cord"), (244, 214, 49)),
-    "esophagus": (ANATOMICAL_STRUCTURE, ("SCT", "32849002", "Esophagus"), (211, 171, 143)),
-    "trachea": (ANATOMICAL_STRUCTURE, ("SCT", "44567001", "Trachea"), (182, 228, 255)),
-    "stomach": (ANATOMICAL_STRUCTURE, ("SCT", "69695003", "Stomach"), (216, 132, 105)),
-    "pancreas": (ANATOMICAL_STRUCTURE, ("SCT", "15776009", "Pancreas"), (249, 180, 111)),
-    "gallbladder": (ANATOMICAL_STRUCTURE, ("SCT", "28231008", "Gallbladder"), (139, 150, 98)),
-    "urinary bladder": (ANATOMICAL_STRUCTURE, ("SCT", "89837001", "Urinary bladder"), (222, 154, 132)),
-    "brain": (ANATOMICAL_STRUCTURE, ("SCT", "12738006", "Brain"), (250, 250, 225)),
-    "mass": (ALTERED_STRUCTURE, ("SCT", "4147007", "Mass"), (255, 128, 0)),
-}
-SYNONYMS = {
-    "oesophagus": "esophagus", "gall bladder": "gallbladder", "bladder": "urinary bladder",
-    "cord": "spinal cord", "spinalcord": "spinal cord", "tumor": "mass", "tumour": "mass", "gtv": "mass",
-    "lesion": "mass", "nodule": "mass", "heart whole": "heart",
-}
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255)]
+def _engineTable():
+    path = os.path.join(paths.engineRoot(), "engine", "imageio", "terminology.py")
+    spec = importlib.util.spec_from_file_location("MiMSlicerLib._engineTerminology", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    return table
+
+
+_table = _engineTable()
+KNOWN_STRUCTURES, SYNONYMS, PALETTE = _table.KNOWN_STRUCTURES, _table.SYNONYMS, _table.PALETTE
+TABLE_FILE = _table.__file__
 
 
 def normaliseName(name):
     """'Lung-Left', 'lung_left', ' Left  lung ' -> 'left lung' style lower-case words, laterality first."""
-    words = [w for w in re.split(r"[\s_\-./]+", name.strip().lower()) if w]
-    side = [w for w in words if w in ("left", "right")]
-    rest = [w for w in words if w not in ("left", "right")]
-    return " ".join(side + rest)
+    return _table.normalise_name(name)
 
 
 def lookUp(name):
-    """(category, type, modifier or None, colour) for a known structure name, else None."""
-    words = normaliseName(name).split()
-    modifier = {"left": LEFT, "right": RIGHT}.get(words[0]) if words else None
-    base = " ".join(words[1:] if modifier else words)
-    base = re.sub(r"\s*\d+$", "", base)  # "GTV-1" -> "gtv"
-    base = SYNONYMS.get(base, base)
-    if base not in KNOWN_STRUCTURES:
-        return None
-    category, typeCode, colour = KNOWN_STRUCTURES[base]
-    return category, typeCode, modifier, colour
+    """(category, type, modifier or None, colour 0..255) for a known structure name, else None."""
+    return _table.look_up(name)
 
 
 def terminologyEntry(name):
     """The Slicer terminology string for a label name, or '' when the structure is not known."""
-    found = lookUp(name)
-    if found is None:
-        return ""
-    category, typeCode, modifier, _ = found
-    code = lambda c: "^".join(c) if c else "^^"  # noqa: E731
-    return "~".join([CATEGORY_CONTEXT, code(category), code(typeCode), code(modifier), ANATOMY_CONTEXT, "^^", "^^"])
+    return _table.terminology_entry(name)
 
 
 def colourFor(name, index):
-    """RGB 0..1: the structure's usual colour when known, else the palette colour for its position."""
-    found = lookUp(name)
-    rgb = found[3] if found else PALETTE[index % len(PALETTE)]
-    return tuple(c / 255.0 for c in rgb)
+    """RGB 0..1: the structure's usual colour when known, else the palette colour for its position among the labels
+    sorted by value."""
+    return _table.colour_for(name, index)

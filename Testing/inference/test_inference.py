@@ -14,6 +14,7 @@ from engine_testing import write_dicom_series
 
 from engine.cli import main
 from engine.config.finetune import build_finetune_config
+from engine.imageio.terminology import colour_for, terminology_entry
 from engine.imageio.volumes import read_input
 from engine.inference.postprocess import keep_largest_component, never_hurts
 from engine.inference.preflight import count_windows
@@ -204,6 +205,11 @@ def test_label_names_and_values_survive_to_the_output(constant_model, tmp_path, 
                     for n in range(2)}
         assert segments == {"liver": "1", "spleen": "5"}
         assert written.GetMetaData("Segment0_Extent") == "0 -1 0 -1 0 -1"  # liver: empty
+        for n, name in enumerate(["liver", "spleen"]):  # the shared table's colour and SNOMED code (terminology.py)
+            colour = [float(c) for c in written.GetMetaData(f"Segment{n}_Color").split()]
+            assert np.allclose(colour, colour_for(name, n), atol=1e-6)
+            assert f"TerminologyEntry:{terminology_entry(name)}|" in written.GetMetaData(f"Segment{n}_Tags")
+        assert "^10200004^Liver" in written.GetMetaData("Segment0_Tags")
 
 
 def test_infer_on_a_dicom_folder_and_clear_errors(constant_model, tmp_path):

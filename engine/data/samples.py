@@ -41,16 +41,23 @@ CASES = [
     {"case": "dicom", "image": DICOM_DIR, "label": "dicom_label.nii.gz", "label_kind": PSEUDO},
 ]
 CLASS_MAP_MEMBER = "totalsegmentator/map_to_binary.py"
+# the abdomen case with the structures of its 117-class map that have a standard name and code (imageio/terminology.py:
+# liver, spleen, kidneys, stomach, ...), renumbered 1..n; what the 3D Slicer module's sample loads
+NAMED_IMAGE, NAMED_LABELMAP, NAMED_LABELS = "abdomen_ct.nii.gz", "abdomen_structures.nii.gz", "abdomen_structures.json"
 
 
 def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[dict]:
     """Write the sample CTs, labels, dataset.json and provenance.json to `out`; returns the cases."""
     out = Path(out)
     provenance = out / "provenance.json"
-    if provenance.exists() and all((out / name).exists() for name in [*FILES, DICOM_DIR, *_organ_files()]):
-        if json.loads((out / "organs.json").read_text())["labels"] != _organ_labels():  # an older demo's organs
+    if provenance.exists() and all((out / name).exists() for name in [*FILES, DICOM_DIR]):
+        record = json.loads(provenance.read_text())
+        if not all((out / name).exists() for name in _organ_files()) or \
+                json.loads((out / "organs.json").read_text())["labels"] != _organ_labels():  # an older demo's organs
             _write_organ_subset(out)
-        return json.loads(provenance.read_text())["cases"]
+        if not (out / NAMED_LABELS).exists():  # fetched before the named structures were written
+            _write_named_structures(out, record["labels"])
+        return record["cases"]
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(sdist) if sdist else _download(Path(tmp))
@@ -63,6 +70,7 @@ def fetch_sample_data(out: str | Path, sdist: str | Path | None = None) -> list[
               "labels": labels, "cases": cases}
     _write_dataset_json(out, labels)
     _write_organ_subset(out)
+    _write_named_structures(out, labels)
     write_json(record, provenance)
     return cases
 
@@ -157,3 +165,30 @@ def _write_organ_subset(out: Path) -> None:
                "training": [{"image": "abdomen_ct.nii.gz", "label": "abdomen_organs.nii.gz"}],
                "test": [{"image": DICOM_DIR, "label": "dicom_organs.nii.gz"}]}
     write_json(dataset, out / "organs.json")
+
+
+def _write_named_structures(out: Path, labels: dict[str, int]) -> None:
+    """NAMED_LABELMAP and NAMED_LABELS: the abdomen case's structures that the terminology table knows and that are in
+    the labelmap, in the class map's order, named as the table writes them ('kidney_left' -> 'left kidney')."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from engine.imageio.terminology import look_up, normalise_name
+    label = sitk.ReadImage(str(out / "abdomen_label.nii.gz"))
+    array = sitk.GetArrayViewFromImage(label)
+    present = set(np.unique(array).tolist())
+    kept = [(name, value) for name, value in labels.items() if value in present and value and look_up(name)]
+    lut = np.zeros(max(labels.values()) + 1, np.uint8)
+    for new, (_, old) in enumerate(kept, start=1):
+        lut[old] = new
+    named = sitk.GetImageFromArray(lut[array.astype(np.int64)])
+    named.CopyInformation(label)
+    sitk.WriteImage(named, str(out / NAMED_LABELMAP), True)
+    write_json({"image": NAMED_IMAGE, "label": NAMED_LABELMAP,
+                "labels": {normalise_name(name): new for new, (name, _) in enumerate(kept, start=1)},
+                "totalsegmentator_names": {normalise_name(name): name for name, _ in kept},
+                "source": f"PyPI {PACKAGE} source distribution, {ROOT}{FILES['abdomen_ct.nii.gz']} and "
+                          f"{FILES['abdomen_label.nii.gz']}",
+                "licence": "Apache-2.0 (TotalSegmentator package; see LICENSE.TotalSegmentator)",
+                "label_kind": PSEUDO + f", restricted to the {len(kept)} structures with a standard terminology entry"},
+               out / NAMED_LABELS)

@@ -13,9 +13,15 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from engine.imageio.terminology import colour_hex  # noqa: E402
 from engine.imageio.volumes import read_image  # noqa: E402
 
-COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+def contour_colours(labels: dict[str, int]) -> dict[str, str]:
+    """{name: '#rrggbb'} of each label (background excluded): the shared table's colours, by position in value order,
+    the same as the engine's .seg.nrrd and the Slicer module give the structure."""
+    ordered = sorted(((int(v), n) for n, v in labels.items() if int(v) != 0))
+    return {name: colour_hex(name, i) for i, (_, name) in enumerate(ordered)}
 
 
 def write_overlay(ct: sitk.Image, pred_path: str | Path, ref_path: str | Path | None, labels: dict[str, int],
@@ -25,20 +31,20 @@ def write_overlay(ct: sitk.Image, pred_path: str | Path, ref_path: str | Path | 
     pred = _lps(read_image(pred_path))
     ref = _lps(read_image(ref_path)) if ref_path else None
     ks = _pick_slices(ref if ref is not None else pred, slices)
+    colours = contour_colours(labels)
     fig, axes = plt.subplots(1, len(ks), figsize=(4.2 * len(ks), 4.6), squeeze=False, facecolor="black")
     for ax, k in zip(axes[0], ks):
         ax.imshow(_axial(ct_lps, k), cmap="gray", vmin=-160, vmax=240, interpolation="bilinear",
                   aspect=_aspect(ct))
-        for i, (name, value) in enumerate(sorted(labels.items(), key=lambda kv: kv[1])):
-            colour = COLOURS[i % len(COLOURS)]
+        for name, colour in colours.items():
+            value = labels[name]
             if ref is not None:
                 _contour(ax, _axial(ref, k) == value, colour, "dashed")
             _contour(ax, _axial(pred, k) == value, colour, "solid")
         ax.set_title(f"axial slice {k}", color="white", fontsize=10)
         ax.set_axis_off()
-    handles = [Line2D([], [], color=COLOURS[i % len(COLOURS)],
-                      label=f"{name}" + (f"  Dice {dice[name]:.2f}" if dice and name in dice else ""))
-               for i, (name, _) in enumerate(sorted(labels.items(), key=lambda kv: kv[1]))]
+    handles = [Line2D([], [], color=colour, label=f"{name}" + (f"  Dice {dice[name]:.2f}" if dice and name in dice else ""))
+               for name, colour in colours.items()]
     handles += [Line2D([], [], color="white", linestyle="dashed", label="reference"),
                  Line2D([], [], color="white", label="prediction")]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), facecolor="black",
