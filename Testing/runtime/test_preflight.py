@@ -331,3 +331,20 @@ def test_hybridmim_refusal_names_a_batch_that_trains(ct_dir, tmp_path, monkeypat
     assert flags == ["--set", "data.batch_size=2"]
     assert main(command + flags + ["--out", str(tmp_path / "run")]) == 0
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_finetune_counts_bf16_where_the_cpu_only_emulates_it(chest, monkeypatch):
+    """bf16 autocast on a CPU without bf16 instructions converts in every kernel (measured: 1.8x the fp32 trace);
+    with them the fp32 trace stays the bound. `auto` there runs fp32 and bf16 steps (training.precision)."""
+    import engine.finetuning.preflight as finetune_preflight
+    dataset = load_dataset(chest)
+    cases = select_cases(dataset, 0, None, 0)
+
+    def step_estimate(amp: str, fast: bool) -> int:
+        monkeypatch.setattr(finetune_preflight, "cpu_has_fast_bf16", lambda: fast)
+        cfg = build_finetune_config("tiny", overrides={"train.amp": amp})
+        return dict(finetune_estimate(SegmentationTask(cfg, dataset, cases)).parts)["step"]
+
+    fp32 = step_estimate("off", False)
+    assert step_estimate("bf16", True) == fp32 == step_estimate("auto", True)
+    assert step_estimate("bf16", False) > fp32 * 1.5

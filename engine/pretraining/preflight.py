@@ -13,6 +13,7 @@ from engine.pretraining.step import step_function
 from engine.runtime.device import amp_dtype
 from engine.runtime.memory import F32, Activations, MemoryEstimate
 from engine.training.preflight import (
+    bf16_step,
     check_fits,
     grid_voxels,
     load_peak,
@@ -36,9 +37,8 @@ PRETRAIN_LOAD = (4 * F32, 12 * F32)
 # The step is traced on the meta device, where autocast does nothing. Under CPU bf16 autocast a MiM step holds
 # bf16 copies of what it saves for backward next to the fp32 originals, and oneDNN's bf16 kernels their reorder
 # buffers: measured on MiM tiny (real CT, 2 cores, AVX-512 BF16 and forced bf16 on AVX2) the peak rose by 1.6-2.2x
-# the traced step (+34 to +46 MB on 20.5 MB), so the step counts twice there. Fine-tuning's bf16 peak measured
-# below its fp32 one (166 vs 190 MB), so its fp32 trace stays a bound.
-CPU_BF16_STEP_FACTOR = 2.0
+# the traced step (+34 to +46 MB on 20.5 MB), so the step counts CPU_BF16_STEP_FACTOR times there (fine-tuning:
+# finetuning.preflight).
 
 
 def pretrain_estimate(cfg: PretrainConfig, items: list[dict], device: torch.device = torch.device("cpu")
@@ -52,7 +52,7 @@ def pretrain_estimate(cfg: PretrainConfig, items: list[dict], device: torch.devi
     step = training_step_peak(model, step_function(model, cfg, torch.device("meta"), masks),
                               meta_batch((batch_size, channels, crop, crop, crop)))
     if device.type == "cpu" and amp_dtype(cfg.train.amp, device) == torch.bfloat16:
-        step = Activations(int(CPU_BF16_STEP_FACTOR * step.peak), int(CPU_BF16_STEP_FACTOR * step.heap))
+        step = bf16_step(step)
     step = step.plus(Activations(2 * batch_size * channels * crop**3 * F32))  # the crops and their collated batch
     training, reading = pretrain_data_bytes(cfg, items)
     return training_estimate(training, reading, optimiser_bytes(model), {"step": step})
