@@ -51,7 +51,7 @@ def finetune_estimate(job, device: torch.device = torch.device("cpu")) -> Memory
 
 def emulated_bf16(amp: str, device: torch.device) -> bool:
     """bf16 autocast on a CPU without AVX-512 BF16 or AMX (or with torch held to AVX2): each bf16 kernel converts to
-    fp32 and back, and a fine-tuning step's peak was measured at 1.8x its fp32 trace (tiny recipe, real CT: 317 MB
+    fp32 and back, and a small fine-tuning step's peak was measured at 1.8x its fp32 trace (tiny recipe, real CT: 317 MB
     against 172 MB traced, torch held to AVX2 on an AVX-512 BF16 EPYC). Where the CPU has bf16 instructions the peak
     measured below the fp32 one (166 against 190 MB), so the fp32 trace stays a bound there."""
     return device.type == "cpu" and amp_dtype(amp, device) == torch.bfloat16 and not cpu_has_fast_bf16()

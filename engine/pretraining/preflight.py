@@ -37,8 +37,7 @@ PRETRAIN_LOAD = (4 * F32, 12 * F32)
 # The step is traced on the meta device, where autocast does nothing. Under CPU bf16 autocast a MiM step holds
 # bf16 copies of what it saves for backward next to the fp32 originals, and oneDNN's bf16 kernels their reorder
 # buffers: measured on MiM tiny (real CT, 2 cores, AVX-512 BF16 and forced bf16 on AVX2) the peak rose by 1.6-2.2x
-# the traced step (+34 to +46 MB on 20.5 MB), so the step counts CPU_BF16_STEP_FACTOR times there (fine-tuning:
-# finetuning.preflight).
+# the traced step (+34 to +46 MB on 20.5 MB); at `base` size it did not grow (training.preflight.bf16_step).
 
 
 def pretrain_estimate(cfg: PretrainConfig, items: list[dict], device: torch.device = torch.device("cpu")
