@@ -4,7 +4,8 @@
     python preflight_probe.py finetune DATASET_JSON RUN_DIR [PRESET [TASK]]
     python preflight_probe.py pretrain DATA RUN_DIR [PRESET [METHOD]]
 
-PROBE_AMP=off|bf16 in the environment sets train.amp of a training command (default: the preset's, `auto`).
+PROBE_AMP=off|bf16 in the environment sets train.amp of a training command (default: the preset's, `auto`);
+PROBE_UNCERTAINTY=1 makes `infer` also write the uncertainty map.
 
 The command first runs with its memory check on, up to the check, which records the estimate and stops it (so
 every import and the estimate's own work happen before the measurement, as they happen before the check in a real
@@ -65,7 +66,8 @@ def command(kind: str, paths: tuple[str, ...], found: dict):
 
         def run(check: bool):
             request = engine.inference.run.InferRequest(model, image, output, device="cpu", progress="none",
-                                                        check_memory=check, sw_batch_size=found.get("tile_batch"))
+                                                        check_memory=check, sw_batch_size=found.get("tile_batch"),
+                                                        uncertainty=os.environ.get("PROBE_UNCERTAINTY") == "1")
             engine.inference.run.run_infer(request)
         return run, sum(t.numel() * t.element_size() for t in weights.values())
     data, out, *options = paths

@@ -73,7 +73,8 @@ def count_windows(box_size: tuple[int, ...], roi: int, overlap: float) -> int:
     return len(dense_patch_slices(size, (roi,) * len(size), interval, return_slice=False))
 
 
-def buffer_phases(v: VolumeShape, channels: int, roi: int, tta: bool, probabilities: bool) -> dict[str, int]:
+def buffer_phases(v: VolumeShape, channels: int, roi: int, tta: bool, probabilities: bool,
+                  uncertainty: bool = False) -> dict[str, int]:
     """Bytes the volume's buffers hold at the peak of each phase of `SegmentationPredictor.predict` (the tile
     batch's activations come on top during the sliding window). Read from the code, array by array."""
     k, n_in, n_grid, n_box = channels, v.input_voxels, v.grid_voxels, v.box_voxels
@@ -88,15 +89,20 @@ def buffer_phases(v: VolumeShape, channels: int, roi: int, tta: bool, probabilit
     # so far, the previous channel (still bound while the next is made), the index and the comparison mask
     per_channel = 3 * n_grid * F32 + n_in * (4 * F32 + 2 + 1)
     prob_images = (k - 1) * n_in * F32 if probabilities else 0
-    return {
+    labelmap = n_in * (1 + 1 + INT64 + 1)  # index, values[index], uint8, image
+    phases = {
         "resample": 2 * image + n_grid * F32,  # the input, its reoriented copy, the model grid
         "window": image + 5 * n_grid * F32,  # the grid, its array, a float copy and two temporaries
         "body box": kept + n_grid * (1 + 3 * INT64),  # a mask and the int64 coordinates of the body's voxels
         "sliding window": kept + probs + window_in + window_out + flips,
         "blend": kept + probs + window_in + window_out + k * n_box * F32 + flips,  # output / count, its copy
         "back to input": kept + probs + per_channel,
-        "labelmap": kept + probs + prob_images + n_in * (1 + 1 + INT64 + 1),  # index, values[index], uint8, image
+        "labelmap": kept + probs + prob_images + labelmap,
     }
+    if uncertainty:  # after the labelmap (uint8 image kept): the running entropy; per channel its image on the input
+        # grid, the array, the clipped copy and two temporaries; at the end the normalised copy, clipped, as an image
+        phases["uncertainty"] = kept + probs + prob_images + n_in + 6 * n_in * F32
+    return phases
 
 
 def tile_peak(model: nn.Module, roi: int, batch: int, in_channels: int = 1) -> Activations:
@@ -164,23 +170,25 @@ class InferencePreflight:
         return self._tiles[batch]
 
     def plan(self, image: sitk.Image, prepared, probabilities: bool, tile_batch: int | None,
-             available: dict[str, int]) -> VolumePlan:
+             available: dict[str, int], uncertainty: bool = False) -> VolumePlan:
         """The tile batch asked for, or (None) the largest that fits up to the settings' one, and its estimate."""
         shape = VolumeShape.of(image, prepared.grid, prepared.box)
         windows = count_windows(shape.box_size, self.roi, self.predictor.settings.overlap)
         batch = tile_batch or self.predictor.settings.sw_batch_size
         if tile_batch is None:
             fitting = (b for b in range(min(batch, windows), 0, -1)
-                       if self.estimate(shape, b, probabilities).fits(available))
+                       if self.estimate(shape, b, probabilities, uncertainty).fits(available))
             batch = next(fitting, 1)
-        return VolumePlan(shape, windows, batch, tile_batch is None, self.estimate(shape, batch, probabilities),
-                          available)
+        return VolumePlan(shape, windows, batch, tile_batch is None,
+                          self.estimate(shape, batch, probabilities, uncertainty), available)
 
-    def estimate(self, shape: VolumeShape, batch: int, probabilities: bool) -> MemoryEstimate:
+    def estimate(self, shape: VolumeShape, batch: int, probabilities: bool,
+                 uncertainty: bool = False) -> MemoryEstimate:
         """Peak memory of one volume with the model already loaded: the worst phase of its buffers (with the tile
         batch's activations on top during the sliding window), plus the runtime allowance. On a GPU the tiles
         and the weights are its memory; the buffers stay on the host."""
-        phases = buffer_phases(shape, self.channels, self.roi, self.predictor.settings.tta, probabilities)
+        phases = buffer_phases(shape, self.channels, self.roi, self.predictor.settings.tta, probabilities,
+                               uncertainty)
         activations = self.tiles(batch)
         runtime = runtime_allowance(activations, "inference")
         if self.predictor.device.type != "cpu":
@@ -212,7 +220,7 @@ def check_volume(plan: VolumePlan, name: str) -> None:
         hint = "try --sw-batch-size 1 (fewer windows per forward)"
     else:
         hint = ("even one window at a time does not fit: free memory, use a machine with more, or leave out "
-                "--probabilities and --tta if given")
+                "--probabilities, --uncertainty and --tta if given")
     require_fits(plan.estimate, plan.available, f"segmenting {name} (tile batch {plan.tile_batch})", hint)
 
 

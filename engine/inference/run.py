@@ -287,7 +287,7 @@ def _infer_one(predictor: SegmentationPredictor, paths: tuple[Path, Path], reque
     t0 = time.perf_counter()
     prepared = predictor.model_grid(image)
     if preflight is not None:
-        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available)
+        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available, request.uncertainty)
         check_volume(plan, source.name)
         _report_plan(plan, predictor.settings.sw_batch_size, source, reporter)
         sw_batch_size = plan.tile_batch
@@ -346,7 +346,7 @@ def dry_run_infer(request: InferRequest) -> list[dict]:
         t0 = time.perf_counter()
         image, _ = read_input(source)
         prepared = predictor.model_grid(image)
-        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available)
+        plan = preflight.plan(image, prepared, probabilities, sw_batch_size, available, request.uncertainty)
         plan.seconds = preflight.time(plan, prepared, image, time.perf_counter() - t0)
         records.append(dry_run_record(source, target, plan, preflight.params))
     return records
