@@ -50,6 +50,9 @@ def test_seg_references_the_series_and_holds_the_labelmap(series, lung_run, miss
     segments = {n: seg.get_segment_description(n) for n in seg.segment_numbers}
     assert [d.SegmentLabel for d in segments.values()] == ["lung_right", "lung_left"]  # model.pt's, in value order
     assert all(d.SegmentedPropertyTypeCodeSequence[0].CodeValue == "39607008" for d in segments.values())  # Lung
+    sides = [d.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning
+             for d in segments.values()]
+    assert sides == ["Right", "Left"]
     labelmap = sitk.ReadImage(str(out))
     values = sitk.GetArrayFromImage(labelmap)  # [k, j, i]; each source slice lies on a slice k of this grid
     assert values.any()  # a real chest crop: lung found
@@ -67,13 +70,25 @@ def test_seg_is_refused_for_a_volume_file(lung_run, held_out_case, tmp_path, cap
     assert len(err.splitlines()) == 1 and "--dicom-seg needs a DICOM series folder" in err and not out.exists()
 
 
-def test_label_names_get_snomed_codes_where_obvious():
+def test_label_names_get_the_shared_tables_codes_sides_and_colours():
+    """The SEG codes and colours a structure as the .seg.nrrd, the overlay and the Slicer module do."""
     from engine.imageio.dicom_seg import segment_description
-    codes = {name: segment_description(1, name, hd) for name in ("liver", "Spleen", "kidney_left", "spinal-cord",
-                                                                  "GTV", "lesion_7", "thing")}
+    from engine.imageio.terminology import colour_for
+    names = ("liver", "Spleen", "kidney_left", "spinal-cord", "GTV", "lesion_7", "Lung-Right", "thing", "lungs")
+    codes = {name: segment_description(i + 1, name, hd, i) for i, name in enumerate(names)}
     kinds = {name: d.SegmentedPropertyTypeCodeSequence[0].CodeValue for name, d in codes.items()}
     assert kinds == {"liver": "10200004", "Spleen": "78961009", "kidney_left": "64033007", "spinal-cord": "2748008",
-                     "GTV": "108369006", "lesion_7": "85756007", "thing": "85756007"}
+                     "GTV": "4147007", "lesion_7": "4147007", "Lung-Right": "39607008", "thing": "85756007",
+                     "lungs": "39607008"}
     assert codes["liver"].SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Anatomical Structure"
     assert codes["GTV"].SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
     assert codes["thing"].SegmentLabel == "thing"
+
+    def side(name):
+        kind = codes[name].SegmentedPropertyTypeCodeSequence[0]
+        return [m.CodeMeaning for m in kind.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+    assert side("kidney_left") == ["Left"] and side("Lung-Right") == ["Right"] and side("liver") == []
+    for i, name in enumerate(names):
+        shown = hd.color.CIELabColor.from_dicom_value(codes[name].RecommendedDisplayCIELabValue).to_rgb()
+        expected = tuple(round(255 * c) for c in colour_for(name, i))
+        assert max(abs(a - b) for a, b in zip(shown, expected)) <= 2, name  # Lab round trip

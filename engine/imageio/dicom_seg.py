@@ -1,5 +1,7 @@
-"""A DICOM Segmentation object (highdicom) of a labelmap whose input was a DICOM series: one segment per label, named
-and coded (SNOMED CT where the label names an obvious structure, else the generic 'Tissue'), its frames on the source
+"""A DICOM Segmentation object (highdicom) of a labelmap whose input was a DICOM series: one segment per label, named,
+coded and coloured as the engine's .seg.nrrd, overlay and the Slicer module show it (the shared table,
+imageio/terminology: SNOMED CT category, type and laterality modifier, and the recommended display colour; a name the
+table does not know gets pydicom's code where one is obvious, else the generic 'Tissue'), its frames on the source
 slices themselves (each slice's own position, orientation and pixel spacing, so an irregular series that inference
 resampled gets its labels back on the slices it came from), and references to those slices' SOP instances, study and
 frame of reference, as PACS viewers and 3D Slicer's DICOM module expect.
@@ -17,12 +19,12 @@ import SimpleITK as sitk
 import engine
 from engine.errors import UserError
 from engine.imageio.slices import SliceTags, read_slice_tags
+from engine.imageio.terminology import colour_for, look_up
 from engine.runtime.atomic import write_atomic
 
 SEG_SERIES_NUMBER = 3001  # DICOM needs one; high, so the SEG sorts after the scanner's series
 SIDES = {"left", "right", "l", "r", "lt", "rt"}
-ALIASES = {"tumour": "Tumor", "tumor": "Tumor", "gtv": "Tumor", "lesion": "Tumor", "lungs": "Lung",
-           "kidneys": "Kidney", "bladder": "UrinaryBladder"}
+ALIASES = {"lungs": "Lung", "kidneys": "Kidney"}  # names the shared table does not know
 
 
 def write_dicom_seg(labelmap: sitk.Image, source_files: Sequence[str], labels: dict[str, int],
@@ -39,7 +41,7 @@ def write_dicom_seg(labelmap: sitk.Image, source_files: Sequence[str], labels: d
     seg = hd.seg.Segmentation(
         source_images=sources, pixel_array=frames.astype(np.uint8 if len(segments) < 256 else np.uint16),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[segment_description(n, name, hd) for n, (name, _) in enumerate(segments, 1)],
+        segment_descriptions=[segment_description(n, name, hd, n - 1) for n, (name, _) in enumerate(segments, 1)],
         series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
         manufacturer="MiMSlicer", manufacturer_model_name="mim-engine", software_versions=engine.__version__,
         device_serial_number="none", series_description="MiMSlicer segmentation", content_label="MIMSLICER")
@@ -58,23 +60,30 @@ def slice_labels(labelmap: sitk.Image, tags: SliceTags) -> np.ndarray:
     return sitk.GetArrayFromImage(resampled)[0]
 
 
-def segment_description(number: int, name: str, hd):
-    """A segment named `name`: SNOMED CT 'Anatomical Structure' and the structure's code where the name (sides and
-    separators aside, e.g. 'lung_right' -> Lung) is one pydicom knows; a tumour is a 'Morphologically Altered
-    Structure'; anything else is 'Tissue'."""
+def segment_description(number: int, name: str, hd, index: int = 0):
+    """A segment named `name`, the `index`-th of the model's labels: the shared table's category, type, laterality
+    (e.g. 'lung_right' -> Anatomical Structure, Lung, Right) and colour where it knows the structure; else
+    pydicom's SNOMED CT code where the name (sides and separators aside) is one it knows, else 'Tissue', with the
+    table's palette colour for that position."""
     from pydicom.sr.codedict import codes
-    key = _code_key(name)
-    if key == "Tumor":
-        category = hd.sr.CodedConcept("49755003", "SCT", "Morphologically Altered Structure")
-        kind = codes.SCT.Tumor
-    elif key and key in codes.SCT:
-        category, kind = codes.SCT.AnatomicalStructure, getattr(codes.SCT, key)
+    found = look_up(name)
+    modifier = None
+    if found is not None:
+        category, kind, modifier = (None if c is None else hd.sr.CodedConcept(c[1], c[0], c[2]) for c in found[:3])
     else:
-        category, kind = codes.SCT.Tissue, codes.SCT.Tissue
+        key = _code_key(name)
+        if key and key in codes.SCT:
+            category, kind = codes.SCT.AnatomicalStructure, getattr(codes.SCT, key)
+        else:
+            category, kind = codes.SCT.Tissue, codes.SCT.Tissue
     algorithm = hd.AlgorithmIdentificationSequence(name="MiMSlicer engine", version=engine.__version__,
                                                    family=codes.cid7162.ArtificialIntelligence)
-    return hd.seg.SegmentDescription(number, name, category, kind, hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                                     algorithm_identification=algorithm)
+    colour = hd.color.CIELabColor.from_rgb(*(round(255 * c) for c in colour_for(name, index)))
+    description = hd.seg.SegmentDescription(number, name, category, kind, hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                            algorithm_identification=algorithm, display_color=colour)
+    if modifier is not None:  # DICOM's place for laterality: a modifier of the segmented property type
+        description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+    return description
 
 
 def _code_key(name: str) -> str:
