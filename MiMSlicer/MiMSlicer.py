@@ -56,7 +56,8 @@ def registerSampleData():
     """Once Slicer has loaded every module: the sample CTs in the Sample Data module (MiMSlicerLib/sampleData.py)."""
     import SampleData
     from MiMSlicerLib import sampleData
-    sampleData.register(SampleData.SampleDataLogic, sampleData.Downloader(reportError=slicer.util.errorDisplay))
+    sampleData.register(SampleData.SampleDataLogic, sampleData.Downloader(reportError=slicer.util.errorDisplay,
+                                                                          reportStatus=slicer.util.showStatusMessage))
 
 
 class MiMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -108,9 +108,15 @@ class Downloader:
     """The Sample Data buttons' customDownloader: loads a fetched sample at once, or starts the fetch as a background
     job polled by a QTimer (Slicer stays responsive) and loads the sample when it ends. One fetch at a time."""
 
-    def __init__(self, scene=None, reportError=None):
-        self._scene, self.reportError = scene, reportError
+    def __init__(self, scene=None, reportError=None, reportStatus=None):
+        self._scene, self.reportError, self.reportStatus = scene, reportError, reportStatus
         self.task, self._timer = None, None
+
+    def _status(self, text):
+        """A line where the user is looking (Slicer's status bar): the first click returns before anything loads."""
+        log.info("MiMSlicer: %s", text)
+        if self.reportStatus is not None:
+            self.reportStatus(text)
 
     @property
     def scene(self):
@@ -123,9 +129,11 @@ class Downloader:
         if isFetched(folder):
             return loadSample(self.scene, folder, sample)
         if self.task is not None and self.task.running:
-            log.info("MiMSlicer: the sample data are still being downloaded")
+            self._status("the sample CTs are still being downloaded; the case loads when they are here")
             return []
         self.task = FetchSamplesTask(self.scene, folder, sample).start()
+        self._status(f"downloading the sample CTs ({SOURCE}, about 38 MB) into {folder}; {sample.nodeName} loads "
+                     "when they are here")
         import qt
         self._timer = qt.QTimer()
         self._timer.interval = 200
@@ -138,5 +146,9 @@ class Downloader:
         if self.task.running:
             return
         self._timer.stop()
-        if self.task.state == tasks.FAILED and self.reportError is not None:
-            self.reportError(self.task.message)
+        if self.task.state == tasks.FAILED:
+            self._status("the sample CTs could not be downloaded")
+            if self.reportError is not None:
+                self.reportError(self.task.message)
+        elif self.task.state == tasks.DONE:
+            self._status(self.task.doneMessage())

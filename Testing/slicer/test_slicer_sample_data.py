@@ -95,9 +95,13 @@ def test_the_first_click_fetches_in_the_background_then_loads(scene, registered,
     monkeypatch.setenv("MIMSLICER_HOME", str(tmp_path / "home"))
     assert not sampleData.isFetched(paths.samplesDir())
     source = registered[0]
+    statuses = []
+    source.customDownloader.reportStatus = statuses.append
     assert SampleData.click(source) == []  # returns at once: the engine fetches in its own process
     downloader = source.customDownloader
     assert downloader.task.running and scene.GetNodesByClass("vtkMRMLScalarVolumeNode").GetNumberOfItems() == 0
+    assert len(statuses) == 1 and "downloading the sample CTs" in statuses[0]  # the user is told what happens
+    assert SampleData.click(source) == [] and "still being downloaded" in statuses[-1]  # no second fetch
     clock = qt.QElapsedTimer()
     clock.start()
     while downloader.task.running:  # the downloader's QTimer polls the job, as in Slicer
@@ -105,6 +109,7 @@ def test_the_first_click_fetches_in_the_background_then_loads(scene, registered,
         qt.QThread.msleep(20)
         assert clock.elapsed() < 300000
     assert downloader.task.state == tasks.DONE, downloader.task.message
+    assert statuses[-1].startswith("Loaded ")
     assert sampleData.isFetched(paths.samplesDir())
     _checkAbdomenCase(scene, downloader.task.result, Path(paths.samplesDir()))
 
