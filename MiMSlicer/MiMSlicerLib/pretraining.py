@@ -9,7 +9,6 @@ CT as the encoder did."""
 import datetime
 import os
 import re
-import shutil
 
 from . import paths, tasks
 from .jobs import engineCommand
@@ -74,23 +73,13 @@ class PretrainTask(tasks.TimedTask):
                              "--set", f"data.hu_window=[{window}]")
 
     def load(self):
-        run = os.path.join(self.tempDir, "run")
-        if not os.path.isfile(os.path.join(run, "checkpoint.pt")):
-            raise RuntimeError("the engine did not write run/checkpoint.pt")
-        modelID = self.catalogue.uniqueID(self.name)
-        destination = os.path.join(paths.modelsDir(), modelID)
-        os.makedirs(destination, exist_ok=True)
-        for name in ENCODER_FILES:
-            shutil.move(os.path.join(run, name), os.path.join(destination, name))
-        entry = {"id": modelID, "name": self.name, "task": "pretraining", "method": "mim", "preset": self.preset,
-                 "spacing": self.spacing, "file": os.path.join(destination, "checkpoint.pt"),
-                 "description": f"MiM pre-trained in Slicer for {self.minutes:g} min ({self.step} steps) on "
-                                f"{self.source()}, at {self.spacing[0]:g} mm for the '{self.recipe}' recipe."}
-        try:
-            return self.catalogue.register(entry)
-        except Exception:
-            shutil.rmtree(destination, ignore_errors=True)
-            raise
+        return tasks.keepRun(self.tempDir, self.catalogue, self.name, ENCODER_FILES, self.catalogueEntry)
+
+    def catalogueEntry(self, modelID, destination):
+        return {"id": modelID, "name": self.name, "task": "pretraining", "method": "mim", "preset": self.preset,
+                "spacing": self.spacing, "file": os.path.join(destination, "checkpoint.pt"),
+                "description": f"MiM pre-trained in Slicer for {self.minutes:g} min ({self.step} steps) on "
+                               f"{self.source()}, at {self.spacing[0]:g} mm for the '{self.recipe}' recipe."}
 
     def doneMessage(self):
         return (f"Pre-trained encoder '{self.result['name']}' added to the catalogue ({self.step} steps): "

@@ -11,7 +11,6 @@ import os
 import shutil
 import time
 
-from . import catalogue as catalogueModule
 from . import finetuneDataset, jobs, paths, reconstruction, segmentationImport, sliceViews, uncertainty, volumeIO
 from .sceneTransaction import SceneTransaction
 from .trainingPlot import TrainingPlot
@@ -22,6 +21,24 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 # What a fine-tuned model keeps of its run folder: the model (weights, labels, grid: all that `engine infer` reads)
 # and config.yaml (a few lines: the settings it was trained with, and how the panel tells what a checkpoint is)
 MODEL_FILES = ("model.pt", "config.yaml")
+
+
+def keepRun(tempDir, catalogue, name, files, entryFor):
+    """Move `files` of a job's engine run (`<tempDir>/run`; the first is the one that must be there) into
+    models/<id>/ and register `entryFor(id, folder)` in the catalogue; nothing is left behind if that fails."""
+    run = os.path.join(tempDir, "run")
+    if not os.path.isfile(os.path.join(run, files[0])):
+        raise RuntimeError(f"the engine did not write run/{files[0]}")
+    modelID = catalogue.uniqueID(name)
+    destination = os.path.join(paths.modelsDir(), modelID)
+    os.makedirs(destination, exist_ok=True)
+    for file in files:
+        shutil.move(os.path.join(run, file), os.path.join(destination, file))
+    try:
+        return catalogue.register(entryFor(modelID, destination))
+    except Exception:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise
 
 
 class Task(abc.ABC):
@@ -324,14 +341,10 @@ class FinetuneTask(TimedTask):
             self.lastDice = float(best["score"])  # model.pt holds the best validated weights
 
     def load(self):
-        run = os.path.join(self.tempDir, "run")
-        if not os.path.isfile(os.path.join(run, "model.pt")):
-            raise RuntimeError("the engine did not write run/model.pt")
-        modelID = self.catalogue.uniqueID(self.modelName)
-        destination = os.path.join(paths.modelsDir(), modelID)
-        os.makedirs(destination, exist_ok=True)
-        for name in MODEL_FILES:  # what segmenting needs; the training state (checkpoint.pt) and logs go
-            shutil.move(os.path.join(run, name), os.path.join(destination, name))
+        # what segmenting needs; the training state (checkpoint.pt) and logs go
+        return keepRun(self.tempDir, self.catalogue, self.modelName, MODEL_FILES, self.catalogueEntry)
+
+    def catalogueEntry(self, modelID, destination):
         entry = {"id": modelID, "name": self.modelName, "task": "segmentation", "labels": dict(self.plan.labels),
                  "spacing": _runSpacing(destination), "preset": self.preset,
                  "file": os.path.join(destination, "model.pt"), "pretrained": self.pretrainedLabel,
@@ -340,11 +353,7 @@ class FinetuneTask(TimedTask):
                                 ("from scratch." if self.pretrained == "none" else f"from {self.pretrainedLabel}.")}
         if self.lastDice is not None and self.lastDice == self.lastDice:
             entry["validationDice"] = round(self.lastDice, 4)
-        try:
-            return self.catalogue.register(entry)
-        except catalogueModule.CatalogueError:
-            shutil.rmtree(destination, ignore_errors=True)
-            raise
+        return entry
 
     def discard(self):
         if self.plot is not None:
