@@ -11,7 +11,7 @@ import SimpleITK as sitk
 from engine_testing import CT_2MM, require_shared_data
 
 from engine.imageio.labelmap import write_labelmap
-from engine.imageio.terminology import PALETTE, colour_for, colour_hex, label_colours, terminology_entry
+from engine.imageio.terminology import PALETTE, colour_for, label_colours, terminology_entry
 from engine.inference.overlay import contour_colours, write_overlay
 
 
@@ -35,7 +35,7 @@ def test_known_and_unknown_names():
     assert colour_for("my structure", 0) != colour_for("my structure", 1)
     assert "^7771000^Left" in terminology_entry("kidney_left") and "^64033007^Kidney" in terminology_entry("kidney_left")
     assert terminology_entry("my structure") == ""
-    assert colour_hex("liver", 0) == "#dd8265"
+    assert contour_colours({"background": 0, "liver": 1})["liver"] == "#dd8265"
 
 
 @pytest.fixture(scope="module")

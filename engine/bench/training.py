@@ -17,7 +17,7 @@ from engine.finetuning.data import steps_per_epoch
 from engine.finetuning.run import FinetuneRequest, run_finetune
 from engine.pretraining.run import PretrainRequest, run_pretrain
 from engine.runtime.device import amp_dtype, pick_device
-from engine.training.precision import MIN_GAIN, ROUNDS, wants_trial
+from engine.training.precision import ROUNDS, bf16_pays, wants_trial
 
 TRIAL_STEPS = 2 * ROUNDS  # the steps of `train.amp: auto`'s precision trial, where it runs
 
@@ -226,7 +226,7 @@ def measure_reference_step(job: ReferenceStepJob) -> dict:
         result[f"{name}_steps_s"] = [round(s, 3) for s in seconds]
     times = {k[:-len("_step_s")]: v for k, v in result.items() if k.endswith("_step_s")}
     if trial:  # the rule of `train.amp: auto` (training.precision): bf16 only when clearly faster
-        result["chosen"] = "bf16" if times["bf16"] <= (1 - MIN_GAIN) * times["fp32"] else "fp32"
+        result["chosen"] = "bf16" if bf16_pays(times["fp32"], times["bf16"]) else "fp32"
     else:
         result["chosen"] = next(iter(times))
     result["step_s"] = times[result["chosen"]]

@@ -84,11 +84,6 @@ def colour_for(name: str, index: int) -> tuple[float, float, float]:
     return tuple(c / 255.0 for c in rgb)
 
 
-def colour_hex(name: str, index: int) -> str:
-    """colour_for as '#rrggbb' (matplotlib)."""
-    return "#" + "".join(f"{round(c * 255):02x}" for c in colour_for(name, index))
-
-
 def label_colours(labels: dict[str, int]) -> dict[str, tuple[float, float, float]]:
     """{name: RGB 0..1} for a model's labels {name: value} (background, value 0, excluded), in value order."""
     ordered = sorted(((int(v), n) for n, v in labels.items() if int(v) != 0))

@@ -11,17 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
+from matplotlib.colors import to_hex  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from engine.imageio.terminology import colour_hex  # noqa: E402
+from engine.imageio.terminology import label_colours  # noqa: E402
 from engine.imageio.volumes import read_image  # noqa: E402
 
 
 def contour_colours(labels: dict[str, int]) -> dict[str, str]:
     """{name: '#rrggbb'} of each label (background excluded): the shared table's colours, by position in value order,
     the same as the engine's .seg.nrrd and the Slicer module give the structure."""
-    ordered = sorted(((int(v), n) for n, v in labels.items() if int(v) != 0))
-    return {name: colour_hex(name, i) for i, (_, name) in enumerate(ordered)}
+    return {name: to_hex(rgb) for name, rgb in label_colours(labels).items()}
 
 
 def write_overlay(ct: sitk.Image, pred_path: str | Path, ref_path: str | Path | None, labels: dict[str, int],

@@ -44,7 +44,7 @@ class PrecisionTrial:
         if self._steps < ROUNDS * len(CANDIDATES):
             return None
         fp32, bf16 = (_slowest_rank(min(self.seconds[c][1:])) for c in CANDIDATES)
-        self.chosen = torch.bfloat16 if bf16 <= (1 - MIN_GAIN) * fp32 else None
+        self.chosen = torch.bfloat16 if bf16_pays(fp32, bf16) else None
         self.decided = True
         record = {"fp32_step_s": round(fp32, 4), "bf16_step_s": round(bf16, 4), "chosen": self.name}
         log.info("train.amp auto: a step took %.3g s in fp32 and %.3g s under bf16 autocast; %s from here on",
@@ -54,6 +54,11 @@ class PrecisionTrial:
     @property
     def name(self) -> str:
         return "bf16" if self.chosen is not None else "off"
+
+
+def bf16_pays(fp32_s: float, bf16_s: float) -> bool:
+    """The rule: bf16 is kept only when its step is clearly faster (the more accurate fp32 wins a tie)."""
+    return bf16_s <= (1 - MIN_GAIN) * fp32_s
 
 
 def _slowest_rank(seconds: float) -> float:
