@@ -194,6 +194,8 @@ def _profile(mode: str, seg_preset: str | None) -> BenchProfile:
 
 
 def _check_data(data: Path, section: str, loop, pretrained: str | None) -> None:
+    if pretrained and not Path(pretrained).is_file():  # the user's own argument first
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint")
     needed = loop_files(data, loop) if loop is not None else []
     if section in ("all", "speed"):
         needed += [data / NATIVE_CT, *(data / p.pretrain_ct for p in PROFILES.values()),
@@ -203,8 +205,6 @@ def _check_data(data: Path, section: str, loop, pretrained: str | None) -> None:
     if missing:
         raise UserError(f"the benchmark reads real CT from {data} (the project's ../shared/data); "
                         f"missing: {missing[0]}")
-    if pretrained and not Path(pretrained).is_file():
-        raise UserError(f"--pretrained {pretrained}: no such checkpoint")
 
 
 def _inference(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, tmp: Path, gemm: dict) -> dict:
