@@ -19,7 +19,7 @@ from engine.losses import (
 )
 from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
-from engine.models.hybrid_encoder import HybridEncoder, depthwise, gather_tokens
+from engine.models.hybrid_encoder import HybridEncoder, depthwise, depthwise_weight_grad, gather_tokens
 from engine.runtime.device import guard_small_convolutions
 from engine.models.segmenter import HybridSegmenter
 
@@ -95,6 +95,23 @@ def test_encoder_equals_its_convolutions_in_value_and_gradient(variant):
     for n, p in enc.named_parameters():  # summation orders differ (kernels, threads): relative to the gradient's norm
         err, norm = float((p.grad - reference[n]).norm()), float(reference[n].norm())
         assert err <= 1e-5 * norm, (n, err, norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("side,kernel", [(9, 5), (4, 5), (2, 3)], ids=["map9-k5", "map4-k5", "map2-k3"])
+def test_depthwise_weight_gradient_as_a_forward_convolution_is_the_weight_gradient(side, kernel, dtype):
+    """`depthwise_weight_grad` (the custom backward's weight gradient) against autograd in float64: two samples,
+    a non-cubic map, maps smaller than the kernel too; in bf16 within the inputs' rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, side, side + 1, side, dtype=torch.float64)
+    weight = torch.randn(6, 1, kernel, kernel, kernel, dtype=torch.float64, requires_grad=True)
+    y = torch.nn.functional.conv3d(x, weight, padding=kernel // 2, groups=6)
+    cotangent = torch.randn_like(y)
+    y.backward(cotangent)
+    got = depthwise_weight_grad(x.to(dtype).contiguous(memory_format=torch.channels_last_3d), cotangent.to(dtype),
+                                kernel // 2)
+    assert got.shape == weight.shape and got.dtype == dtype
+    assert (got.double() - weight.grad).norm() <= (1e-5 if dtype == torch.float32 else 1e-2) * weight.grad.norm()
 
 
 @pytest.mark.parametrize("groups", [1, 48], ids=["dense", "depthwise"])
