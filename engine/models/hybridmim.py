@@ -11,7 +11,7 @@ from monai.networks.nets import BasicUNet
 from engine.config.pretrain import HYBRIDMIM_PATCH, PretrainConfig, replace_encoder
 from engine.losses import nt_xent, region_losses
 from engine.masking import random_mask, unpatchify
-from engine.models.blocks import mlp
+from engine.models.blocks import mlp, with_cpu_dropout
 from engine.models.decoder import MAEDecoder
 from engine.models.hybrid_encoder import HybridEncoder
 
@@ -41,6 +41,7 @@ class HybridMIMPretrainer(nn.Module):
         self.count_head = nn.Linear(feat_dim, 9)
         self.position_head = nn.Linear(feat_dim, 8)
         self.contrast_head = mlp(feat_dim, 2 * feat_dim, 128)
+        with_cpu_dropout(self)  # the contrast's dropout is in every layer of the backbone
 
     def forward(self, images: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """images: [B, C, R, R, R] with B >= 2 (the other samples are the contrast's negatives)."""
