@@ -141,6 +141,11 @@ def _pretrain_table(pre: dict) -> list[str]:
                      f"crop: {swin['step_s']:.2f} s ({times}; kept {swin['chosen']}); ours / it: MiM "
                      f"{_num(pre.get('mim_base_vs_swinunetr_step'))}x, HybridMIM UNet "
                      f"{_num(pre.get('hybridmim_unet_vs_swinunetr_step'))}x")
+        floors = [(label, pre.get(f"{key}_floor_vs_swinunetr_step")) for label, key in
+                  (("MiM", "mim_base"), ("HybridMIM UNet", "hybridmim_unet"))]
+        if any(f for _, f in floors):
+            lines.append("  floor (the step's FLOPs at the dense-GEMM peak, nothing else) / SwinUNETR step: "
+                         + ", ".join(f"{label} {_num(f)}x" for label, f in floors))
     elif swin:
         lines.append(f"  reference SwinUNETR training step failed: {swin['error']}")
     return lines

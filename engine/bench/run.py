@@ -157,7 +157,7 @@ def run_bench(mode: str = "full", json_out: str | None = None, amp: str = "auto"
         if speed:
             gemm = run("dense GEMM peak", gemm_peak, profile.gemm_size, profile.gemm_budget_s)
             report["inference"] = _inference(run, profile, amp, data, Path(tmp), gemm)
-            report["pretrain"] = _pretrain(run, profile, amp, data, Path(tmp))
+            report["pretrain"] = _pretrain(run, profile, amp, data, Path(tmp), gemm.get("gemm_peak_gflops"))
             report["finetune"] = run(f"fine-tuning, {profile.seg_preset} preset", measure_finetune,
                                      _finetune_job(profile, amp, data, Path(tmp)))
         if section != "speed":
@@ -238,7 +238,10 @@ def _inference_section(profile: BenchProfile, contenders: dict, gemm: dict, size
     return section
 
 
-def _pretrain(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, tmp: Path) -> dict:
+def _pretrain(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, tmp: Path,
+              gemm_peak_gflops: float | None = None) -> dict:
+    """Each run's step; its ratio to the SwinUNETR step, and the floor of that ratio: the step's FLOPs at the
+    machine's dense-GEMM peak with nothing else to do (what no implementation of the same work beats here)."""
     preset = profile.pretrain_preset
     unet = {**profile.hybridmim_overrides, "hybridmim.backbone": "unet"}
     plans = {"mim_base": ("mim", {}), "mae_base_view": ("mae", {}),
@@ -260,6 +263,9 @@ def _pretrain(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, 
     for name in ("mim_base", "hybridmim_unet"):
         ours = section[f"{name}_step_s"]
         section[f"{name}_vs_swinunetr_step"] = round(ours / swin, 3) if ours and swin else None
+        tflop = runs[name].get("step_tflop")
+        if tflop and swin and gemm_peak_gflops:
+            section[f"{name}_floor_vs_swinunetr_step"] = round(tflop * 1e3 / gemm_peak_gflops / swin, 3)
     section.update({"preset": preset, "ct": profile.pretrain_ct, "runs": runs})
     return section
 
