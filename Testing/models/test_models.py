@@ -19,6 +19,7 @@ from engine.losses import (
 )
 from engine.masking import make_mim_views, random_mask
 from engine.models import build_pretrainer
+from engine.models import hybrid_encoder
 from engine.models.hybrid_encoder import HybridEncoder, depthwise, depthwise_weight_grad, gather_tokens
 from engine.runtime.device import guard_small_convolutions
 from engine.models.segmenter import HybridSegmenter
@@ -114,12 +115,20 @@ def test_depthwise_weight_gradient_as_a_forward_convolution_is_the_weight_gradie
     assert (got.double() - weight.grad).norm() <= (1e-5 if dtype == torch.float32 else 1e-2) * weight.grad.norm()
 
 
-@pytest.mark.parametrize("groups", [1, 48], ids=["dense", "depthwise"])
-def test_weight_gradient_of_a_map_smaller_than_the_kernel_is_right_under_bf16_autocast(groups):
+@pytest.mark.parametrize("side", [4, 9], ids=["map4", "map9"])
+@pytest.mark.parametrize("groups,fast_bf16", [(1, None), (48, True), (48, False)],
+                         ids=["dense", "depthwise-as-forward", "depthwise-onednn"])
+def test_weight_gradient_of_a_map_smaller_than_the_kernel_is_right_under_bf16_autocast(groups, fast_bf16, side,
+                                                                                       monkeypatch):
     """oneDNN's AVX-512 BF16 weight gradient is wrong (garbage, inf, NaN) when a side of the input is shorter than the
-    kernel, e.g. the 1/16 skip of the segmenter at ROI 32 (2^3) or stage 3 of the encoder (4^3, kernel 5)."""
+    kernel, e.g. the 1/16 skip of the segmenter at ROI 32 (2^3) or stage 3 of the encoder (4^3, kernel 5). The
+    depth-wise backward takes the forward-convolution form where bf16 is native and oneDNN's backward where it is
+    emulated: both ways, on any CPU."""
+    if fast_bf16 is not None:
+        monkeypatch.setattr(hybrid_encoder, "cpu_has_fast_bf16", lambda: fast_bf16)
     torch.manual_seed(0)
-    kernel, side = (3, 2) if groups == 1 else (5, 4)
+    kernel = 3 if groups == 1 else 5
+    side = 2 if groups == 1 and side == 4 else side
     conv = guard_small_convolutions(torch.nn.Conv3d(48, 48, kernel, padding=kernel // 2, groups=groups))
     x = torch.randn(2, side, side, side, 48)  # channels-last, as the encoder's stages and the decoder see them
     cotangent = torch.randn(2, side, side, side, 48)
