@@ -265,7 +265,7 @@ def _pretrain(run: IsolatedRunner, profile: BenchProfile, amp: str, data: Path, 
         section[f"{name}_vs_swinunetr_step"] = round(ours / swin, 3) if ours and swin else None
         tflop = runs[name].get("step_tflop")
         if tflop and swin and gemm_peak_gflops:
-            section[f"{name}_floor_vs_swinunetr_step"] = round(tflop * 1e3 / gemm_peak_gflops / swin, 3)
+            section[f"{name}_floor_vs_swinunetr_step"] = float(f"{tflop * 1e3 / gemm_peak_gflops / swin:.3g}")
     section.update({"preset": preset, "ct": profile.pretrain_ct, "runs": runs})
     return section
 
