@@ -221,6 +221,26 @@ def test_segmenter_gives_logits_and_every_parameter_learns(decoder):
     assert not bad, f"parameters without a finite gradient: {bad}"
 
 
+def test_the_decoder_stays_channels_last_in_inference_and_gives_the_contiguous_decoders_logits():
+    """Channels-last is the faster layout for the decoder in inference too (segmenter.py); a layout must not change
+    what the network computes, and loading weights (a model.pt) must not undo it."""
+    torch.manual_seed(0)
+    cfg = build_config("tiny").encoder
+    model = HybridSegmenter(cfg, 32, 3, feature_size=8, decoder="light").eval()
+    loaded = HybridSegmenter(cfg, 32, 3, feature_size=8, decoder="light")
+    loaded.load_state_dict(model.state_dict())
+    loaded.eval()
+    decoder_weights = [p for n, p in loaded.named_parameters() if p.dim() == 5 and not n.startswith("encoder.")]
+    assert decoder_weights and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in decoder_weights)
+    contiguous = HybridSegmenter(cfg, 32, 3, feature_size=8, decoder="light")
+    contiguous.load_state_dict(model.state_dict())
+    for part in (contiguous.skips, contiguous.ups, contiguous.out):
+        part.to(memory_format=torch.contiguous_format)
+    x = torch.rand(2, 1, 32, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), contiguous.eval()(x), rtol=1e-4, atol=1e-5)
+
+
 def test_the_light_decoder_thins_only_the_full_resolution_level():
     unetr, light = (HybridSegmenter(build_config("tiny").encoder, 32, 3, feature_size=8, decoder=d).state_dict()
                     for d in ("unetr", "light"))
