@@ -238,3 +238,22 @@ def test_model_grid_is_ras_aligned_and_keeps_physical_positions():
     moved = np.subtract(grid.TransformIndexToPhysicalPoint(tuple(int(i) for i in hottest)),
                         image.TransformIndexToPhysicalPoint(marker))
     assert np.linalg.norm(moved) < 1.5 * np.sqrt(3)
+
+
+def test_back_to_input_is_the_argmax_of_the_resampled_channels_first_channel_on_ties():
+    """Many channels with ties: the labelmap is numpy's argmax (the first of equal channels wins) of each channel
+    resampled onto the input grid, with 0 where the input lies outside the model grid."""
+    from engine.imageio.geometry import back_to_input, resample_channel
+    rng = np.random.default_rng(0)
+    probs = (rng.integers(0, 4, size=(7, 9, 8, 6)) / 4).astype(np.float32)  # [K, X, Y, Z]: many exact ties
+    grid = sitk.Image([9, 8, 6], sitk.sitkFloat32)
+    grid.SetSpacing((2.0, 2.0, 3.0))
+    same = back_to_input(probs, grid, grid)
+    assert np.array_equal(sitk.GetArrayFromImage(same), np.argmax(probs, axis=0).transpose(2, 1, 0))
+    finer = sitk.Image([23, 13, 11], sitk.sitkFloat32)  # reaches past the grid on every axis
+    finer.SetSpacing((0.9, 1.4, 1.9))
+    finer.SetOrigin((-1.0, 0.5, -2.0))
+    resampled = np.stack([sitk.GetArrayFromImage(resample_channel(p, grid, finer)) for p in probs])
+    got = sitk.GetArrayFromImage(back_to_input(probs, grid, finer))
+    assert np.array_equal(got, np.argmax(resampled, axis=0)) and (got[resampled.max(0) == 0] == 0).all()
+    assert got.dtype == np.uint8 and len(np.unique(got)) > 3
