@@ -38,6 +38,20 @@ def test_known_and_unknown_names():
     assert contour_colours({"background": 0, "liver": 1})["liver"] == "#dd8265"
 
 
+def test_a_structures_left_and_right_are_told_apart_everywhere():
+    """Slicer's table gives both lungs one colour, and a left-right swap would not show: the left takes the
+    complementary hue at the same lightness and saturation; the right and unsided names keep the table's colour."""
+    import colorsys
+    lung = tuple(c / 255 for c in (197, 165, 145))
+    assert colour_for("Lung-Right", 0) == colour_for("lung", 4) == pytest.approx(lung)
+    left = colour_for("lung_left", 1)
+    assert [round(255 * c) for c in left] == [145, 177, 197]
+    (h_r, l_r, s_r), (h_l, l_l, s_l) = colorsys.rgb_to_hls(*lung), colorsys.rgb_to_hls(*left)
+    assert (l_l, s_l) == pytest.approx((l_r, s_r)) and abs((h_l - h_r) % 1.0 - 0.5) < 1e-6
+    labels = {"background": 0, "lung_right": 1, "lung_left": 2, "kidney_right": 3, "kidney_left": 4}
+    assert len(set(contour_colours(labels).values())) == 4  # the overlay's legend keeps them apart too
+
+
 @pytest.fixture(scope="module")
 def labelled_crop(tmp_path_factory):
     """ts_chest (real CT, heart 1 / aorta 2 of its label file) cropped around the heart, plus a third structure

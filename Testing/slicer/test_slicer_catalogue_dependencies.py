@@ -107,7 +107,7 @@ def test_floors_match_the_code_and_nothing_has_an_upper_bound():
     without img_size. An upper bound would make pip downgrade a package that Slicer or another extension uses."""
     assert dependencies.REQUIREMENTS["torch"] == ">=2.5" and dependencies.REQUIREMENTS["monai"] == ">=1.5"
     assert all("<" not in spec and "==" not in spec for spec in dependencies.REQUIREMENTS.values())
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert all(f"{name}{spec}" in readme for name, spec in dependencies.REQUIREMENTS.items())
 
 
@@ -213,7 +213,7 @@ def test_what_an_old_slicer_reads_first_is_python_3_9():
     """Slicer 5.6/5.8 (Python 3.9) must get as far as the version check: the module file and the check parse as 3.9."""
     import ast
     for path in (REPO / "MiMSlicer" / "MiMSlicer.py", REPO / "MiMSlicer" / "MiMSlicerLib" / "compatibility.py"):
-        ast.parse(path.read_text(), str(path), feature_version=(3, 9))
+        ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))
 
 
 # -- extension build files -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ context~category~type~typeModifier~anatomicContext~region~regionModifier, each c
 Pure Python (no numpy, no SimpleITK): Slicer's module reads it at load time."""
 from __future__ import annotations
 
+import colorsys
 import re
 
 CATEGORY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
@@ -78,10 +79,20 @@ def terminology_entry(name: str) -> str:
 
 def colour_for(name: str, index: int) -> tuple[float, float, float]:
     """RGB 0..1 of the label `name`, the `index`-th of its model's labels sorted by value (background excluded):
-    the structure's usual colour when known, else the palette's colour for that position."""
+    the structure's usual colour when known, else the palette's colour for that position.
+
+    Slicer's General Anatomy gives a structure's left and right the same colour, so a model's two lungs (or kidneys)
+    would be drawn alike and a left-right swap would not show. The left side therefore takes the complementary hue at
+    the same lightness and saturation (lung: beige (197, 165, 145) right, steel blue (145, 177, 197) left): on the
+    blue-orange axis, which colour-blind readers keep apart. The right side and unsided structures keep the table's."""
     found = look_up(name)
-    rgb = found[3] if found else PALETTE[index % len(PALETTE)]
-    return tuple(c / 255.0 for c in rgb)
+    if found is None:
+        return tuple(c / 255.0 for c in PALETTE[index % len(PALETTE)])
+    rgb = tuple(c / 255.0 for c in found[3])
+    if found[2] == LEFT:
+        hue, lightness, saturation = colorsys.rgb_to_hls(*rgb)
+        rgb = colorsys.hls_to_rgb((hue + 0.5) % 1.0, lightness, saturation)
+    return tuple(float(c) for c in rgb)
 
 
 def label_colours(labels: dict[str, int]) -> dict[str, tuple[float, float, float]]:
