@@ -73,9 +73,9 @@ class HybridSegmenter(nn.Module):
         self.out = UnetOutBlock(3, widths[0], out_channels)
         # The decoder is channels-last, in training and in inference. Measured on 2 CPU cores, one forward of 2
         # windows of 64^3, `fast` recipe: 112 against 123 ms contiguous in bf16, 209-224 against 246-266 ms in fp32,
-        # 255-295 against 290-320 ms in fp32 with torch held to AVX2 (`small`: 348-360 against 430-456 ms in bf16;
-        # within 5% either way in fp32); a fine-tuning step of `small` 5.5 against 6.6 s. fp32 segmentations are the
-        # same voxel for voxel as with a contiguous decoder.
+        # 255-295 against 290-320 ms in fp32 with torch held to AVX2 (`small`: 348-360 against 430-456 ms in bf16,
+        # 1-6% faster in fp32, 5-9% slower in fp32 held to AVX2); a fine-tuning step of `small` 5.5 against 6.6 s.
+        # fp32 segmentations are the same voxel for voxel as with a contiguous decoder.
         for part in (self.skips, self.ups, self.out):
             part.to(memory_format=torch.channels_last_3d)
 
